@@ -1,0 +1,154 @@
+"""The algorithm contract and the registry that gives the CLI, configs and Python API their names.
+
+An algorithm is declared by a small parameter dataclass (`Params`) and bound to one worker at run
+time with `bind(ctx, model, optimizer)`. The shared training loop (and `commsgd.api.CommOptimizer`
+in a user's own loop) calls its hooks around the local optimizer step:
+
+    loss.backward()
+    algo.after_backward(step)      # gradient traffic: all-reduce, compressed, parameter server
+    optimizer.step()
+    algo.after_step(step, loss)    # model traffic: leader pull, elastic averaging, gossip
+
+Everything an algorithm needs to resume lives in `state_dict()`; never a process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from commsgd.config import OptimConfig, from_dict
+from commsgd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from commsgd.context import WorkerContext
+
+
+@dataclasses.dataclass
+class NoParams:
+    """For algorithms without hyperparameters of their own."""
+
+
+class Algorithm:
+    """Base class: every hook is a no-op, so an algorithm implements only what it changes."""
+
+    name: ClassVar[str] = ""
+    summary_line: ClassVar[str] = ""
+    Params: ClassVar[type[Any]] = NoParams
+    #: runs on one worker only (plain SGD); the launcher refuses more workers
+    single_worker: ClassVar[bool] = False
+
+    def __init__(self, params: Any = None) -> None:
+        self.params = params if params is not None else self.Params()
+        self.ctx: WorkerContext | None = None
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # -- binding --------------------------------------------------------------------------
+
+    def optimizer_overrides(self, optim: OptimConfig) -> dict[str, Any]:
+        """Changes to the local torch SGD settings (e.g. momentum handled inside the algorithm)."""
+        return {}
+
+    def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Attach to this worker's model and optimizer; create groups and buffers here (collective)."""
+        self.ctx, self.model, self.optimizer = ctx, model, optimizer
+
+    @property
+    def bound_ctx(self) -> WorkerContext:
+        if self.ctx is None:
+            raise RuntimeError(f"algorithm {self.name!r} is not bound: call bind(ctx, model, optimizer) first")
+        return self.ctx
+
+    @property
+    def bound_model(self) -> torch.nn.Module:
+        if self.model is None:
+            raise RuntimeError(f"algorithm {self.name!r} is not bound: call bind(ctx, model, optimizer) first")
+        return self.model
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def after_backward(self, step: int) -> None:
+        """Replace the local gradients by communicated ones (or leave them for local SGD)."""
+
+    def after_step(self, step: int, loss: float) -> None:
+        """Move the parameters after the local optimizer step; `loss` is this step's training loss."""
+
+    def on_lr_change(self, old_lr: float, new_lr: float) -> None:
+        """The learning-rate schedule changed the rate (error buffers may need rescaling)."""
+
+    def should_evaluate(self, step: int, every: int) -> bool:
+        """Whether the (collective) evaluation runs after `step`; async algorithms may move it."""
+        return step % every == 0
+
+    def should_stop(self, step: int, total_steps: int) -> bool:
+        """Whether this worker's loop ends after `step` (async algorithms end on a job-wide budget)."""
+        return step >= total_steps
+
+    def finish(self) -> None:
+        """End of training: drain rounds or stop servers so every worker exits cleanly."""
+
+    @contextlib.contextmanager
+    def evaluated_parameters(self) -> Iterator[None]:
+        """Load the parameters to evaluate (the center variable) into the model for the duration."""
+        yield
+
+    # -- resume and reporting -------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"algorithm {self.name!r} has no state to load, got keys {sorted(state)}")
+
+    def summary(self) -> dict[str, Any]:
+        """Extra fields for this worker's entry in summary.json (e.g. times it led)."""
+        return {}
+
+
+REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: make an algorithm available by its `name`."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a non-empty `name`")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise TypeError(f"algorithm name {cls.name!r} is registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def algorithm_names() -> list[str]:
+    _load_all()
+    return sorted(REGISTRY)
+
+
+def get_algorithm_class(name: str) -> type[Algorithm]:
+    _load_all()
+    if name not in REGISTRY:
+        raise ConfigError(f"algorithm: unknown name {name!r}; choose from {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def validate_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Check an algorithm's parameters; return them complete (defaults filled in) as plain data."""
+    cls = get_algorithm_class(name)
+    return dataclasses.asdict(from_dict(cls.Params, params, "algo"))
+
+
+def build_algorithm(name: str, params: dict[str, Any] | None = None, **kwargs: Any) -> Algorithm:
+    """An unbound algorithm by name, from a params mapping and/or keyword arguments."""
+    cls = get_algorithm_class(name)
+    merged = {**(params or {}), **kwargs}
+    return cls(from_dict(cls.Params, merged, "algo"))
+
+
+def _load_all() -> None:
+    # Importing the package registers every algorithm module inside it.
+    import commsgd.algorithms  # noqa: F401

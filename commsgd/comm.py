@@ -1,0 +1,415 @@
+"""The communication layer: the only module that calls torch.distributed collectives and point-to-point ops.
+
+Every call counts the bytes this worker puts on and takes off the wire and times itself, so byte
+counts and communication time in every report are measured, not estimated.
+
+Byte model. The sizes come from the real tensors handed to each call; the volume per worker is that
+of the standard bandwidth-optimal schedule for the op (the convention NCCL's tests call "bus bytes"),
+with n the tensor's bytes and p the group size:
+
+=================  ===========================  ======================================================
+op                 sent = received per worker   why
+=================  ===========================  ======================================================
+all_reduce         2 (p-1)/p * n                ring reduce-scatter + all-gather
+broadcast, reduce  (p-1)/p * n                  a pipelined chain: p-1 hops of n, shared by p workers
+all_gather         (p-1) * n                    every worker receives the other p-1 pieces
+reduce_scatter     (p-1)/p * n                  n is the full input vector
+all_to_all         (p-1)/p * n                  n is the full input vector
+gather / scatter   exact per rank               root receives / sends the others' pieces
+send / recv        n                            exact
+=================  ===========================  ======================================================
+
+Time. `comm_s` is the time a worker spends blocked in a call (for asynchronous ops: blocked in
+`wait()`), so overlapped communication is not counted twice. With `split_wait` on, each collective
+is preceded by a barrier whose time goes to `wait_s`, separating waiting for slow peers from transfer.
+
+Network model. When enabled, each call also sleeps for ``hops * latency + bytes_sent / bandwidth``
+with the bandwidth and latency of the link class (within a node or across nodes) the group spans,
+so that inter-node Ethernet can be emulated on one machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from commsgd.config import NetworkConfig
+
+ReduceName = Literal["sum", "avg", "max", "min"]
+# Newer torch renamed the tensor-in/tensor-out collectives; use whichever this version has.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+_REDUCE_OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "avg": dist.ReduceOp.AVG,
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+}
+
+
+@dataclass
+class Counters:
+    """Totals for one phase of a worker's traffic."""
+
+    bytes_sent: float = 0.0
+    bytes_recv: float = 0.0
+    payload_bytes: int = 0
+    calls: int = 0
+    comm_s: float = 0.0
+    wait_s: float = 0.0
+    model_delay_s: float = 0.0
+
+    def add(self, other: Counters) -> None:
+        for key, value in asdict(other).items():
+            setattr(self, key, getattr(self, key) + value)
+
+
+@dataclass
+class CommMeter:
+    """Per-phase counters: ``train`` traffic is what the algorithm costs; ``eval``/``control`` are kept apart."""
+
+    phase: str = "train"
+    phases: dict[str, Counters] = field(default_factory=lambda: {"train": Counters()})
+
+    @property
+    def current(self) -> Counters:
+        return self.phases.setdefault(self.phase, Counters())
+
+    @contextlib.contextmanager
+    def in_phase(self, name: str) -> Iterator[None]:
+        previous, self.phase = self.phase, name
+        try:
+            yield
+        finally:
+            self.phase = previous
+
+    def totals(self, phase: str = "train") -> Counters:
+        return self.phases.get(phase, Counters())
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        return {name: asdict(c) for name, c in self.phases.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        self.phases = {name: Counters(**values) for name, values in state.items()}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class CommGroup:
+    """A set of global ranks with its process group; `spans_nodes` picks the network model's link class."""
+
+    ranks: tuple[int, ...]
+    pg: Any
+    spans_nodes: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def index(self, rank: int) -> int:
+        return self.ranks.index(rank)
+
+
+class Pending:
+    """An asynchronous op in flight; `wait()` blocks, and the blocked time is what gets counted."""
+
+    def __init__(self, comm: Communicator, work: Any, counters: Counters, delay_s: float) -> None:
+        self._comm, self._work, self._counters, self._delay_s = comm, work, counters, delay_s
+        self._done = False
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        start = time.perf_counter()
+        if self._work is not None:
+            self._work.wait()
+        self._comm._sleep_model(self._delay_s, self._counters)
+        self._counters.comm_s += time.perf_counter() - start
+        self._done = True
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Communicator:
+    """Counts, times and (optionally) delays every message a worker sends through torch.distributed."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        node_of: Sequence[int],
+        network: NetworkConfig | None = None,
+        split_wait: bool = False,
+    ) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.node_of = tuple(node_of)
+        self.network = network if network is not None and network.enabled else None
+        self.split_wait = split_wait
+        self.meter = CommMeter()
+        self.world = CommGroup(tuple(range(world_size)), None, len(set(self.node_of)) > 1)
+
+    # ------------------------------------------------------------------ groups and bookkeeping
+
+    def new_group(self, ranks: Sequence[int]) -> CommGroup:
+        """Create a process group. Collective: every rank calls it with the same ranks, in the same order."""
+        ranks = tuple(sorted(ranks))
+        pg = None if len(ranks) == self.world_size else dist.new_group(list(ranks))
+        return CommGroup(ranks, pg, len({self.node_of[r] for r in ranks}) > 1)
+
+    def _group(self, group: CommGroup | None) -> CommGroup:
+        return self.world if group is None else group
+
+    def _delay(self, sent: float, hops: int, inter: bool) -> float:
+        net = self.network
+        if net is None or (sent <= 0 and hops <= 0):
+            return 0.0
+        gbps, lat_us = (
+            (net.inter_gbps, net.inter_latency_us) if inter else (net.intra_gbps, net.intra_latency_us)
+        )
+        return hops * lat_us * 1e-6 + sent * 8 / (gbps * 1e9)
+
+    def _sleep_model(self, delay_s: float, counters: Counters) -> None:
+        if delay_s > 0:
+            time.sleep(delay_s)
+            counters.model_delay_s += delay_s
+
+    def _record(self, payload: int, sent: float, recv: float) -> Counters:
+        c = self.meter.current
+        c.calls += 1
+        c.payload_bytes += payload
+        c.bytes_sent += sent
+        c.bytes_recv += recv
+        return c
+
+    def _run(
+        self,
+        fn: Any,
+        group: CommGroup,
+        payload: int,
+        sent: float,
+        recv: float,
+        hops: int,
+        sync_device: torch.Tensor | None = None,
+    ) -> None:
+        """Run one blocking op: optional barrier (wait), the op, the network model delay; count it all."""
+        c = self._record(payload, sent, recv)
+        if self.split_wait and group.size > 1:
+            start = time.perf_counter()
+            dist.barrier(group=group.pg)
+            c.wait_s += time.perf_counter() - start
+        start = time.perf_counter()
+        fn()
+        if sync_device is not None and sync_device.is_cuda:
+            torch.cuda.synchronize(sync_device.device)
+        self._sleep_model(self._delay(sent, hops, group.spans_nodes), c)
+        c.comm_s += time.perf_counter() - start
+
+    # ------------------------------------------------------------------ collectives
+
+    def all_reduce(
+        self,
+        tensor: torch.Tensor,
+        op: ReduceName = "sum",
+        group: CommGroup | None = None,
+        async_op: bool = False,
+    ) -> Pending | None:
+        """Reduce `tensor` in place over the group (``avg`` divides by the group size)."""
+        g = self._group(group)
+        p, n = g.size, _nbytes(tensor)
+        if p == 1:
+            return Pending(self, None, self.meter.current, 0.0) if async_op else None
+        vol = 2 * (p - 1) / p * n
+        if async_op:
+            c = self._record(n, vol, vol)
+            work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=g.pg, async_op=True)
+            return Pending(self, work, c, self._delay(vol, 2 * (p - 1), g.spans_nodes))
+        self._run(
+            lambda: dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=g.pg),
+            g,
+            n,
+            vol,
+            vol,
+            2 * (p - 1),
+            tensor,
+        )
+        return None
+
+    def broadcast(self, tensor: torch.Tensor, src: int, group: CommGroup | None = None) -> None:
+        """Copy the tensor of global rank `src` to every member of the group, in place."""
+        g = self._group(group)
+        p, n = g.size, _nbytes(tensor)
+        if p == 1:
+            return
+        vol = (p - 1) / p * n
+        self._run(lambda: dist.broadcast(tensor, src=src, group=g.pg), g, n, vol, vol, p - 1, tensor)
+
+    def all_gather(self, tensor: torch.Tensor, group: CommGroup | None = None) -> torch.Tensor:
+        """Stack every member's `tensor` (same shape everywhere): result has shape (p, *tensor.shape)."""
+        g = self._group(group)
+        p, n = g.size, _nbytes(tensor)
+        out = torch.empty((p, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        if p == 1:
+            out[0].copy_(tensor)
+            return out
+        vol = (p - 1) * n
+        flat = tensor.contiguous().view(-1)
+        self._run(
+            lambda: _all_gather_single(out.view(-1), flat, group=g.pg), g, n, vol, vol, p - 1, out
+        )
+        return out
+
+    def reduce_scatter(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        op: ReduceName = "sum",
+        group: CommGroup | None = None,
+    ) -> None:
+        """Reduce `input` (p equal chunks) over the group; this rank gets its chunk in `output`."""
+        g = self._group(group)
+        p, n = g.size, _nbytes(input)
+        if p == 1:
+            output.copy_(input.view_as(output))
+            return
+        vol = (p - 1) / p * n
+        self._run(
+            lambda: _reduce_scatter_single(output, input, op=_REDUCE_OPS[op], group=g.pg),
+            g,
+            n,
+            vol,
+            vol,
+            p - 1,
+            output,
+        )
+
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, group: CommGroup | None = None) -> None:
+        """Exchange equal chunks: chunk j of this rank's `input` lands in chunk (this rank) of rank j's output."""
+        g = self._group(group)
+        p, n = g.size, _nbytes(input)
+        if p == 1:
+            output.copy_(input)
+            return
+        vol = (p - 1) / p * n
+        self._run(lambda: dist.all_to_all_single(output, input, group=g.pg), g, n, vol, vol, 1, output)
+
+    def gather(self, tensor: torch.Tensor, dst: int, group: CommGroup | None = None) -> torch.Tensor | None:
+        """Collect every member's tensor on global rank `dst` (shape (p, ...)); None elsewhere."""
+        g = self._group(group)
+        p, n = g.size, _nbytes(tensor)
+        is_root = self.rank == dst
+        out = torch.empty((p, *tensor.shape), dtype=tensor.dtype, device=tensor.device) if is_root else None
+        if p == 1:
+            assert out is not None
+            out[0].copy_(tensor)
+            return out
+        sent, recv = (0.0, float((p - 1) * n)) if is_root else (float(n), 0.0)
+        chunks = list(out.unbind(0)) if out is not None else None
+        self._run(lambda: dist.gather(tensor, chunks, dst=dst, group=g.pg), g, n, sent, recv, 1, tensor)
+        return out
+
+    def scatter(
+        self, output: torch.Tensor, chunks: torch.Tensor | None, src: int, group: CommGroup | None = None
+    ) -> None:
+        """Send chunk i of `chunks` (shape (p, ...), only on `src`) to the i-th member of the group."""
+        g = self._group(group)
+        p, n = g.size, _nbytes(output)
+        if p == 1:
+            assert chunks is not None
+            output.copy_(chunks[0])
+            return
+        is_root = self.rank == src
+        sent, recv = (float((p - 1) * n), 0.0) if is_root else (0.0, float(n))
+        parts = list(chunks.unbind(0)) if (is_root and chunks is not None) else None
+        self._run(lambda: dist.scatter(output, parts, src=src, group=g.pg), g, n, sent, recv, 1, output)
+
+    def barrier(self, group: CommGroup | None = None) -> None:
+        """Wait for the group; the time is waiting, not transfer."""
+        g = self._group(group)
+        if g.size == 1:
+            return
+        c = self.meter.current
+        start = time.perf_counter()
+        dist.barrier(group=g.pg)
+        c.wait_s += time.perf_counter() - start
+
+    def all_gather_json(self, obj: Any, group: CommGroup | None = None) -> list[Any]:
+        """Gather a small JSON-serialisable object from every member (summaries, leader history)."""
+        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        length = torch.tensor([data.numel()], dtype=torch.int64)
+        lengths = self.all_gather(length, group).view(-1)
+        padded = torch.zeros(int(lengths.max()), dtype=torch.uint8)
+        padded[: data.numel()] = data
+        rows = self.all_gather(padded, group)
+        return [json.loads(bytes(rows[i, : int(n)].tolist()).decode()) for i, n in enumerate(lengths)]
+
+    # ------------------------------------------------------------------ point to point
+
+    def _p2p_delay(self, peer: int, n: int) -> float:
+        return self._delay(n, 1, self.node_of[peer] != self.node_of[self.rank])
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        n = _nbytes(tensor)
+        g = CommGroup((self.rank, dst), None, self.node_of[dst] != self.node_of[self.rank])
+        self._run(lambda: dist.send(tensor, dst=dst), g, n, n, 0, 1, tensor)
+
+    def recv(self, tensor: torch.Tensor, src: int | None = None) -> int:
+        """Receive into `tensor` from `src` (any rank when None); returns the sender's rank."""
+        n = _nbytes(tensor)
+        sender: list[int] = []
+        peer = src if src is not None else self.rank
+        g = CommGroup((self.rank, peer), None, self.node_of[peer] != self.node_of[self.rank])
+        self._run(lambda: sender.append(dist.recv(tensor, src=src)), g, n, 0, n, 0, tensor)
+        return sender[0]
+
+    def isend(self, tensor: torch.Tensor, dst: int) -> Pending:
+        n = _nbytes(tensor)
+        c = self._record(n, n, 0)
+        return Pending(self, dist.isend(tensor, dst=dst), c, self._p2p_delay(dst, n))
+
+    def irecv(self, tensor: torch.Tensor, src: int) -> Pending:
+        n = _nbytes(tensor)
+        c = self._record(n, 0, n)
+        return Pending(self, dist.irecv(tensor, src=src), c, 0.0)
+
+    def exchange(
+        self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]
+    ) -> None:
+        """Post all sends and receives at once (neighbour exchange) and wait for all of them."""
+        pending = [self.irecv(t, src) for t, src in recvs] + [self.isend(t, dst) for t, dst in sends]
+        for p in pending:
+            p.wait()
+
+    # ------------------------------------------------------------------ the shared store
+
+    def store_add(self, store: Any, key: str, amount: int) -> int:
+        """Atomic add on the torch.distributed store (shared counters); counted as a tiny message."""
+        c = self._record(8, 8 + len(key), 8)
+        start = time.perf_counter()
+        value = int(store.add(key, amount))
+        c.comm_s += time.perf_counter() - start
+        return value
+
+    def store_set(self, store: Any, key: str, value: bytes) -> None:
+        c = self._record(len(value), len(key) + len(value), 0)
+        start = time.perf_counter()
+        store.set(key, value)
+        c.comm_s += time.perf_counter() - start
+
+    def store_get(self, store: Any, key: str) -> bytes:
+        """Blocking get (waits until the key exists or the store timeout passes); counted as waiting."""
+        c = self.meter.current
+        start = time.perf_counter()
+        value = bytes(store.get(key))
+        c.wait_s += time.perf_counter() - start
+        self._record(0, len(key), len(value))
+        return value

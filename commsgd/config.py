@@ -1,0 +1,339 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridden by flags, validated field by field.
+
+Every problem is reported as one `ConfigError` line that names the field (``optim.lr``) and what is
+allowed, so the CLI can print it and exit with code 2. The same converter validates each algorithm's
+own parameter dataclass, so algorithms declare their hyperparameters once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from commsgd.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def bounded(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    doc: str = "",
+) -> Any:
+    """A dataclass field with a numeric range that `from_dict` enforces."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Which data set each worker reads and how much of it per step."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    batch_size: int = bounded(32, ge=1, doc="mini-batch per worker")
+
+
+@dataclass
+class OptimConfig:
+    """Local optimizer (torch SGD) and its learning-rate schedule."""
+
+    lr: float = bounded(0.05, gt=0)
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = bounded(1e-4, ge=0)
+    schedule: Literal["constant", "step"] = "constant"
+    drop_steps: list[int] = bounded([], doc="steps at which lr is multiplied by drop_factor")
+    drop_seconds: list[float] = bounded([], doc="wall-clock seconds at which lr drops (paper: 1500)")
+    drop_factor: float = bounded(0.1, gt=0, le=1)
+
+
+@dataclass
+class NetworkConfig:
+    """Optional network model: a delay computed from bytes sent, per link class.
+
+    Emulates e.g. 1 Gbit/s Ethernet between nodes on one machine. Off by default.
+    """
+
+    enabled: bool = False
+    intra_gbps: float = bounded(100.0, gt=0, doc="bandwidth within a node, Gbit/s")
+    intra_latency_us: float = bounded(5.0, ge=0)
+    inter_gbps: float = bounded(1.0, gt=0, doc="bandwidth across nodes, Gbit/s")
+    inter_latency_us: float = bounded(50.0, ge=0)
+
+
+@dataclass
+class ClusterConfig:
+    """How workers are placed, grouped into nodes, slowed down and timed out."""
+
+    group_size: int | None = bounded(None, ge=1, doc="workers per emulated node (default: LOCAL_WORLD_SIZE)")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = bounded(None, ge=1, doc="torch threads per worker (default: cores / workers)")
+    timeout_s: float = bounded(300.0, gt=0, doc="a collective or round waiting longer than this fails")
+    max_restarts: int = bounded(0, ge=0, doc="embedded launcher: restarts of the worker group")
+    slow_ranks: list[int] = bounded([], doc="ranks that are slowed down")
+    slow_factor: float = bounded(1.0, ge=1, doc="slowed ranks take this many times their compute time")
+    slow_sleep_s: float = bounded(0.0, ge=0, doc="extra sleep per step on slowed ranks")
+    split_wait: bool = False
+
+
+@dataclass
+class Config:
+    """One training run. YAML sections map to the nested dataclasses; `algo` to the algorithm's params."""
+
+    algorithm: str = "allreduce"
+    algo: dict[str, Any] = bounded({}, doc="parameters of the chosen algorithm")
+    workers: int = bounded(4, ge=1, le=1024)
+    model: str = "mlp"
+    steps: int | None = bounded(None, ge=1)
+    epochs: int | None = bounded(None, ge=1)
+    seed: int = bounded(0, ge=0)
+    out: str | None = None
+    eval_every: int = bounded(100, ge=1, doc="evaluate the center variable every N steps and at the end")
+    checkpoint_every: int = bounded(0, ge=0, doc="0: only the final checkpoint")
+    keep_checkpoints: int = bounded(3, ge=1)
+    log_every: int = bounded(1, ge=1)
+    progress: bool = True
+    tensorboard: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+DEFAULT_STEPS = 600
+
+# --------------------------------------------------------------------------------------- converter
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widened to float where asked)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        if not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: keys must be strings")
+        return dict(value)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], where: str) -> None:
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            continue
+        for key, ok, text in (
+            ("ge", lambda a, b: a >= b, ">="),
+            ("gt", lambda a, b: a > b, ">"),
+            ("le", lambda a, b: a <= b, "<="),
+            ("lt", lambda a, b: a < b, "<"),
+        ):
+            bound = meta.get(key)
+            if bound is not None and not ok(v, bound):
+                raise ConfigError(f"{where}: must be {text} {bound}, got {v!r}")
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass `cls` from a plain mapping, rejecting unknown keys, wrong types and bad ranges."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    prefix = f"{where}." if where else ""
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; allowed: {', '.join(sorted(fields))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        path = f"{prefix}{name}"
+        converted = _convert(value, hints[name], path)
+        _check_range(converted, fields[name].metadata, path)
+        kwargs[name] = converted
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check()
+    return obj
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain-data copy of a config dataclass (what gets saved as YAML)."""
+    return dataclasses.asdict(obj)
+
+
+def describe_fields(cls: type[Any]) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, doc) per field, for `--help` style listings."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            )
+        )
+        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", "")))
+    return rows
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``optim.lr=0.1`` into (["optim", "lr"], 0.1); the value is read as a YAML scalar/list."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=0.1")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(p.isidentifier() for p in parts):
+        raise ConfigError(f"override {text!r}: {key!r} is not a dotted field name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_override(data: dict[str, Any], parts: Sequence[str], value: Any) -> None:
+    """Set a dotted key inside a nested plain dict, creating sections as needed."""
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section, cannot set {'.'.join(parts)}")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; any problem is one ConfigError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p}: not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config file {p}: not valid YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping of fields")
+    return data
+
+
+AlgoValidator = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+def load_config(
+    base: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    validate_algorithm: AlgoValidator | None = None,
+) -> Config:
+    """Merge a plain mapping (from YAML) with ``key=value`` overrides and validate everything.
+
+    `validate_algorithm(name, params)` checks the algorithm name and its parameters and returns them
+    with defaults filled in; the algorithm registry provides it (kept out of here to avoid an import cycle).
+    """
+    data: dict[str, Any] = _deep_copy(dict(base or {}))
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(data, parts, value)
+    cfg = from_dict(Config, data)
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ConfigError("steps, epochs: give one of them, not both")
+    if validate_algorithm is not None:
+        cfg.algo = validate_algorithm(cfg.algorithm, cfg.algo)
+    return cfg
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run directory's record of what ran)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

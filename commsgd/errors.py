@@ -1,0 +1,22 @@
+"""Exceptions that carry a one-line message for the user.
+
+The CLI turns any `UserError` into that line on stderr and exit code 2; everything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user: config, flags, data directory, checkpoint. Exit code 2."""
+
+
+class ConfigError(UserError):
+    """A config field or flag is unknown, of the wrong type or out of range."""
+
+
+class DataError(UserError):
+    """A data directory or file is missing or not in the expected layout."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or run directory cannot be used to resume."""

@@ -1,0 +1,79 @@
+"""Flat buffers: many tensors travel as one contiguous buffer per dtype, never one message per tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class FlatBuffer:
+    """A fixed list of same-dtype tensors and one contiguous buffer that mirrors them.
+
+    `pack` copies the tensors into the buffer, `unpack` copies the buffer back; `views` gives the
+    buffer's slices shaped like the tensors (to read a received buffer without unpacking).
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        if not tensors:
+            raise ValueError("FlatBuffer needs at least one tensor")
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) != 1:
+            raise ValueError(f"FlatBuffer tensors must share one dtype, got {sorted(map(str, dtypes))}")
+        self.tensors = list(tensors)
+        self.numels = [t.numel() for t in self.tensors]
+        self.buffer = torch.empty(sum(self.numels), dtype=self.tensors[0].dtype, device=self.tensors[0].device)
+
+    @property
+    def numel(self) -> int:
+        return self.buffer.numel()
+
+    def views(self, buffer: torch.Tensor | None = None) -> list[torch.Tensor]:
+        flat = self.buffer if buffer is None else buffer
+        return [chunk.view_as(t) for chunk, t in zip(flat.split(self.numels), self.tensors)]
+
+    def pack(self, tensors: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Copy `tensors` (default: the mirrored ones) into the buffer and return it."""
+        source = self.tensors if tensors is None else tensors
+        torch.cat([t.reshape(-1) for t in source], out=self.buffer)
+        return self.buffer
+
+    def unpack(self, buffer: torch.Tensor | None = None, into: Sequence[torch.Tensor] | None = None) -> None:
+        """Copy `buffer` (default: the own buffer) back into `into` (default: the mirrored tensors)."""
+        for view, t in zip(self.views(buffer), self.tensors if into is None else into):
+            t.copy_(view)
+
+
+def by_dtype(tensors: Sequence[torch.Tensor]) -> list[FlatBuffer]:
+    """One FlatBuffer per dtype, in first-seen order (models are usually all float32: one buffer)."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return [FlatBuffer(ts) for ts in groups.values()]
+
+
+def buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int) -> list[FlatBuffer]:
+    """Split tensors (kept in the given order) into same-dtype FlatBuffers of about `bucket_bytes` each."""
+    result: list[FlatBuffer] = []
+    current: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        if current and (t.dtype != current[0].dtype or size + t.numel() * t.element_size() > bucket_bytes):
+            result.append(FlatBuffer(current))
+            current, size = [], 0
+        current.append(t)
+        size += t.numel() * t.element_size()
+    if current:
+        result.append(FlatBuffer(current))
+    return result
+
+
+def parameters_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The trainable parameters, in a stable order shared by every worker."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def model_state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters plus floating-point buffers (batch-norm statistics): what 'the model' is for averaging."""
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    return [p.data for p in model.parameters()] + buffers

@@ -1,0 +1,117 @@
+"""Run-directory records: per-worker ``metrics/rank{r}.jsonl``, ``eval.jsonl``, ``summary.json``, the end table.
+
+A run directory holds everything a report needs:
+
+    config.yaml            the resolved configuration
+    metrics/rank{r}.jsonl  per logged step: loss, lr, cumulative bytes and seconds (compute/comm/wait)
+    eval.jsonl             evaluations of the center variable: step, wall_s, test_loss, test_error
+    events/rank{r}.jsonl   algorithm events (e.g. leader changes)
+    summary.json           final per-worker totals and the final evaluation
+    checkpoints/           see commsgd.checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+
+class JsonlLog:
+    """An append-only JSON-lines file that can be cut back to a step (used after a resume)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle: IO[str] | None = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records with ``step > step`` (they are recomputed after resuming from `step`)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if int(record.get("step", 0)) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._handle is None:
+            self._handle = self.path.open("a", encoding="utf-8")
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The short table printed at the end of `commsgd train`."""
+    rows = [
+        ("algorithm", f"{summary['algorithm']} ({summary['world_size']} workers, {summary['model']} on "
+                      f"{summary['dataset']})"),
+        ("steps per worker", f"{min(summary['steps'])}" + (
+            f"-{max(summary['steps'])}" if max(summary["steps"]) != min(summary["steps"]) else "")),
+        ("test error", f"{100 * summary['test_error']:.2f} %"),
+        ("test loss", f"{summary['test_loss']:.4f}"),
+        ("wall-clock time", f"{summary['wall_time_s']:.1f} s"),
+        ("bytes sent per worker", human_bytes(mean(summary["bytes_sent"]))),
+        ("bytes sent per step", human_bytes(mean(summary["bytes_per_step"]))),
+        ("communication share", f"{100 * mean(summary['comm_share']):.1f} % of wall time"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    body = "\n".join(f"{k.ljust(width)} | {v}" for k, v in rows)
+    return f"{line}\n{body}\n{line}"

@@ -1,0 +1,20 @@
+"""The objective every task shares: mean cross-entropy, plus the error count used for test error."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def loss_and_errors(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and the number of wrong argmax predictions (an int64 scalar tensor).
+
+    Text output (B, L, V) with target (B, L) is scored per token, so the error rate's denominator is
+    `target.numel()` for every kind of task.
+    """
+    if output.dim() == 3:
+        output = output.reshape(-1, output.shape[-1])
+        target = target.reshape(-1)
+    loss = F.cross_entropy(output, target)
+    errors = (output.detach().argmax(dim=1) != target).sum()
+    return loss, errors

@@ -1,0 +1,346 @@
+"""The worker loop shared by every algorithm: data -> forward/backward -> hooks -> optimizer -> hooks -> log.
+
+One `Trainer` runs in each worker process. It builds the data set, model, local optimizer and the
+algorithm from the config, restores a checkpoint when resuming, and writes the run directory
+(see `commsgd.metrics`). Evaluation of the algorithm's evaluated parameters (the center variable) is
+collective: every worker evaluates its shard of the test set and the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+from commsgd import checkpoint
+from commsgd.algorithms import Algorithm, build_algorithm
+from commsgd.api import CommOptimizer
+from commsgd.config import DEFAULT_STEPS, Config, to_dict
+from commsgd.context import WorkerContext, create_context
+from commsgd.errors import CheckpointError, ConfigError
+from commsgd.metrics import JsonlLog, mean, peak_memory_mb, summary_table, write_json_atomic
+from commsgd.tasks import Dataset, build_model, load_dataset, loss_and_errors
+
+
+class ShardedBatches:
+    """Each worker's exclusive shard of the training set per epoch, in mini-batches (last one dropped)."""
+
+    def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int) -> None:
+        self.sampler = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True)
+        self.batch_size = batch_size
+        self.per_epoch = len(self.sampler) // batch_size
+        if self.per_epoch == 0:
+            raise ConfigError(
+                f"data.batch_size: {batch_size} is larger than a worker's shard ({len(self.sampler)} samples)"
+            )
+
+        self._epoch = -1
+        self._order = torch.empty(0, dtype=torch.int64)
+
+    def batch(self, epoch: int, index: int) -> torch.Tensor:
+        """Sample indices of mini-batch `index` of `epoch` (deterministic: resumable from any position)."""
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._order, self._epoch = torch.tensor(list(self.sampler), dtype=torch.int64), epoch
+        return self._order[index * self.batch_size : (index + 1) * self.batch_size]
+
+
+def learning_rate(cfg: Config, step: int, elapsed_s: float) -> float:
+    """The schedule: constant, or multiplied by `drop_factor` at each passed step / second mark."""
+    optim = cfg.optim
+    if optim.schedule == "constant":
+        return optim.lr
+    drops = sum(step >= s for s in optim.drop_steps) + sum(elapsed_s >= s for s in optim.drop_seconds)
+    return optim.lr * optim.drop_factor**drops
+
+
+def total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    if cfg.epochs is not None:
+        return cfg.epochs * batches_per_epoch
+    return DEFAULT_STEPS
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, algo: Algorithm) -> torch.optim.SGD:
+    settings: dict[str, Any] = {
+        "lr": cfg.optim.lr,
+        "momentum": cfg.optim.momentum,
+        "nesterov": cfg.optim.nesterov and cfg.optim.momentum > 0,
+        "weight_decay": cfg.optim.weight_decay,
+    }
+    settings.update(algo.optimizer_overrides(cfg.optim))
+    if settings["momentum"] == 0:
+        settings["nesterov"] = False
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **settings)
+
+
+class Trainer:
+    """Runs one worker from the first (or restored) step to the end and writes its records."""
+
+    def __init__(self, cfg: Config, ctx: WorkerContext, run_dir: Path) -> None:
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        threads = cfg.cluster.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        torch.set_num_threads(threads)
+        self.dataset: Dataset = load_dataset(cfg.data.dataset, cfg.data.data_dir, model=cfg.model, seed=cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial model on every worker
+        self.model = build_model(cfg.model, self.dataset.spec).to(ctx.device)
+        self.algo = build_algorithm(cfg.algorithm, cfg.algo)
+        self.optimizer = build_optimizer(cfg, self.model, self.algo)
+        self.step_fn = CommOptimizer(self.optimizer, self.algo, self.model, ctx)
+        self.batches = ShardedBatches(len(self.dataset.train_y), cfg.data.batch_size, ctx.rank, ctx.world_size,
+                                      cfg.seed)
+        self.total = total_steps(cfg, self.batches.per_epoch)
+        # Worker-specific randomness (augmentation, dropout) from one run seed.
+        self.data_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + ctx.rank)
+        torch.manual_seed(cfg.seed * 7919 + 1000 + ctx.rank)
+        random.seed(cfg.seed * 7919 + ctx.rank)
+        np.random.seed((cfg.seed * 7919 + ctx.rank) % 2**32)
+        self.step = 0
+        self.compute_s = 0.0
+        self.wall_offset = 0.0
+        self.lr = cfg.optim.lr
+        self.metrics = JsonlLog(run_dir / "metrics" / f"rank{ctx.rank}.jsonl")
+        self.evals = JsonlLog(run_dir / "eval.jsonl")
+        self.tensorboard = self._tensorboard()
+
+    # ------------------------------------------------------------------ resume
+
+    def restore(self) -> bool:
+        """Load the newest checkpoint step that every worker can load; False when there is none."""
+        mine = checkpoint.loadable_steps(self.run_dir, self.ctx.rank, self.cfg.keep_checkpoints + 2)
+        with self.ctx.comm.meter.in_phase("control"):
+            everyone = self.ctx.comm.all_gather_json(mine)
+        common = set(everyone[0]).intersection(*map(set, everyone[1:]))
+        if not common:
+            return False
+        step = max(common)
+        state = checkpoint.load_checkpoint(checkpoint.checkpoint_path(self.run_dir, step, self.ctx.rank))
+        meta = state["meta"]
+        if meta["algorithm"] != self.cfg.algorithm or meta["world_size"] != self.ctx.world_size:
+            raise CheckpointError(
+                f"resume {self.run_dir}: checkpoint is from algorithm {meta['algorithm']!r} on "
+                f"{meta['world_size']} workers; this run is {self.cfg.algorithm!r} on {self.ctx.world_size}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.algo.load_state_dict(state["algorithm"])
+        self.ctx.comm.meter.load_state_dict(state["meter"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.data_gen.set_state(state["rng"]["data"])
+        self.step, self.compute_s, self.wall_offset = state["step"], state["compute_s"], state["wall_s"]
+        self.metrics.truncate_after(step)
+        if self.ctx.is_main:
+            self.evals.truncate_after(step)
+        return True
+
+    def save(self) -> None:
+        ctx = self.ctx
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "algorithm": self.algo.state_dict(),
+            "meter": ctx.comm.meter.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "data": self.data_gen.get_state()},
+            "compute_s": self.compute_s,
+            "wall_s": self.wall_s(),
+            "meta": {"algorithm": self.cfg.algorithm, "world_size": ctx.world_size, "config": to_dict(self.cfg)},
+        }
+        checkpoint.save_checkpoint(self.run_dir, self.step, ctx.rank, state)
+        checkpoint.prune_checkpoints(self.run_dir, ctx.rank, self.cfg.keep_checkpoints)
+
+    # ------------------------------------------------------------------ the loop
+
+    def wall_s(self) -> float:
+        return self.wall_offset + time.perf_counter() - self._start
+
+    def run(self) -> dict[str, Any] | None:
+        cfg, ctx = self.cfg, self.ctx
+        self._start = time.perf_counter()
+        bar = self._progress()
+        comm = ctx.comm.meter
+        while not self.algo.should_stop(self.step, self.total):
+            epoch, index = divmod(self.step, self.batches.per_epoch)
+            self._apply_lr(epoch)
+            before = comm.totals()
+            spent_in_comm = before.comm_s + before.wait_s
+            start = time.perf_counter()
+            x, y = self.dataset.train_batch(self.batches.batch(epoch, index), self.data_gen)
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            self.step += 1
+            loss_value = self.step_fn.step(lambda: loss_and_errors(self.model(x), y)[0], step=self.step)
+            self._slow_down(time.perf_counter() - start)
+            after = comm.totals()
+            self.compute_s += time.perf_counter() - start - (after.comm_s + after.wait_s - spent_in_comm)
+            if self.step % cfg.log_every == 0:
+                self._log(epoch, loss_value)
+            if bar is not None:
+                bar.update(1)
+                if self.step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if self.algo.should_evaluate(self.step, cfg.eval_every):
+                self._record_eval(self.evaluate())
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.algo.finish()
+        final = self.evaluate()
+        self._record_eval(final)
+        self.save()
+        return self._summarise(final)
+
+    def _apply_lr(self, epoch: int) -> None:
+        lr = learning_rate(self.cfg, self.step, self.wall_s())
+        if lr != self.lr:
+            self.algo.on_lr_change(self.lr, lr)
+            self.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _slow_down(self, compute_s: float) -> None:
+        cluster = self.cfg.cluster
+        if self.ctx.rank in cluster.slow_ranks:
+            time.sleep((cluster.slow_factor - 1) * compute_s + cluster.slow_sleep_s)
+
+    def _log(self, epoch: int, loss: float) -> None:
+        c = self.ctx.comm.meter.totals()
+        record = {
+            "step": self.step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": self.lr,
+            "wall_s": round(self.wall_s(), 6),
+            "bytes_sent": c.bytes_sent,
+            "bytes_recv": c.bytes_recv,
+            "compute_s": round(self.compute_s, 6),
+            "comm_s": round(c.comm_s, 6),
+            "wait_s": round(c.wait_s, 6),
+        }
+        self.metrics.write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("train/loss", loss, self.step)
+            self.tensorboard.add_scalar("train/bytes_sent", c.bytes_sent, self.step)
+
+    def evaluate(self) -> dict[str, float]:
+        """Test loss and error of the evaluated parameters; every worker takes part."""
+        ctx, model = self.ctx, self.model
+        with ctx.comm.meter.in_phase("eval"), self.algo.evaluated_parameters():
+            was_training = model.training
+            model.eval()
+            sums = torch.zeros(3, dtype=torch.float64)
+            with torch.no_grad():
+                for x, y in self.dataset.test_batches(256, shard=(ctx.rank, ctx.world_size)):
+                    out = model(x.to(ctx.device))
+                    loss, errors = loss_and_errors(out, y.to(ctx.device))
+                    count = y.numel()
+                    sums += torch.tensor([loss.item() * count, float(errors), float(count)], dtype=torch.float64)
+            model.train(was_training)
+            ctx.comm.all_reduce(sums, op="sum")
+        count = max(sums[2].item(), 1.0)
+        return {"test_loss": sums[0].item() / count, "test_error": sums[1].item() / count}
+
+    def _record_eval(self, result: dict[str, float]) -> None:
+        if self.ctx.is_main:
+            record = {"step": self.step, "wall_s": round(self.wall_s(), 6), **result}
+            self.evals.write(record)
+            if self.tensorboard is not None:
+                for key, value in result.items():
+                    self.tensorboard.add_scalar(f"eval/{key}", value, self.step)
+
+    def _summarise(self, final: dict[str, float]) -> dict[str, Any] | None:
+        ctx = self.ctx
+        c = ctx.comm.meter.totals()
+        wall = self.wall_s()
+        mine = {
+            "steps": self.step,
+            "bytes_sent": c.bytes_sent,
+            "bytes_recv": c.bytes_recv,
+            "comm_time_s": c.comm_s,
+            "wait_time_s": c.wait_s,
+            "compute_time_s": self.compute_s,
+            "wall_time_s": wall,
+            "peak_memory_mb": peak_memory_mb(ctx.device),
+            "eval_bytes_sent": ctx.comm.meter.totals("eval").bytes_sent,
+            "algorithm": self.algo.summary(),
+        }
+        with ctx.comm.meter.in_phase("control"):
+            workers = ctx.comm.all_gather_json(mine)
+        self.metrics.close()
+        self.evals.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if not ctx.is_main:
+            return None
+        summary: dict[str, Any] = {
+            "algorithm": self.cfg.algorithm,
+            "world_size": ctx.world_size,
+            "num_nodes": ctx.num_nodes,
+            "model": self.cfg.model,
+            "dataset": self.cfg.data.dataset,
+            "backend": ctx.backend,
+            "device": str(ctx.device),
+            **final,
+            "wall_time_s": max(w["wall_time_s"] for w in workers),
+        }
+        for key in ("steps", "bytes_sent", "bytes_recv", "comm_time_s", "wait_time_s", "compute_time_s",
+                    "peak_memory_mb", "eval_bytes_sent"):
+            summary[key] = [w[key] for w in workers]
+        summary["bytes_per_step"] = [w["bytes_sent"] / max(w["steps"], 1) for w in workers]
+        summary["comm_share"] = [
+            (w["comm_time_s"] + w["wait_time_s"]) / w["wall_time_s"] if w["wall_time_s"] > 0 else 0.0
+            for w in workers
+        ]
+        summary["algorithm_summary"] = [w["algorithm"] for w in workers]
+        summary["network_model"] = to_dict(self.cfg.network) if self.cfg.network.enabled else None
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        print(summary_table(summary), flush=True)
+        print(f"run directory: {self.run_dir}", flush=True)
+        return summary
+
+    # ------------------------------------------------------------------ extras
+
+    def _progress(self) -> Any:
+        if not (self.ctx.is_main and self.cfg.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total, initial=self.step, desc=self.cfg.algorithm, unit="step", dynamic_ncols=True)
+
+    def _tensorboard(self) -> Any:
+        if not (self.cfg.tensorboard and self.ctx.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+
+def run_worker(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """Entry point of one worker process (embedded launcher or torchrun)."""
+    ctx = create_context(cfg.cluster, cfg.network, cfg.seed, run_dir)
+    try:
+        trainer = Trainer(cfg, ctx, run_dir)
+        restored = trainer.restore() if (resume or ctx.restart_count > 0) else False
+        if resume and not restored:
+            raise CheckpointError(f"resume {run_dir}: no checkpoint that every worker can load")
+        if not restored:  # a fresh start (or a restart before the first checkpoint): no stale records
+            trainer.metrics.truncate_after(0)
+            if ctx.is_main:
+                trainer.evals.truncate_after(0)
+        return trainer.run()
+    finally:
+        ctx.close()
+
+
+__all__ = ["ShardedBatches", "Trainer", "learning_rate", "mean", "run_worker", "total_steps"]
+
