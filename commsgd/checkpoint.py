@@ -10,6 +10,7 @@ older step, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -97,10 +98,8 @@ def prune_checkpoints(run_dir: Path, rank: int, keep: int) -> None:
     for step in saved_steps(run_dir, rank)[keep:]:
         path = checkpoint_path(run_dir, step, rank)
         path.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):  # other ranks' files are still there
             path.parent.rmdir()
-        except OSError:
-            pass  # other ranks' files are still there
 
 
 def remove_all(run_dir: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -59,7 +60,9 @@ def build_parser() -> ArgumentParser:
     )
     train.add_argument("--config", help="YAML config file")
     train.add_argument("--algorithm", help="algorithm name (see below)")
-    train.add_argument("--workers", type=int, help="number of local worker processes (ignored under torchrun)")
+    train.add_argument(
+        "--workers", type=int, help="number of local worker processes (ignored under torchrun)"
+    )
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="steps per worker")
     budget.add_argument("--epochs", type=int, help="epochs over each worker's shard")
@@ -68,7 +71,9 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--data-dir", help="data directory (cifar10: holds cifar-10-batches-py)")
     train.add_argument("--out", help="run directory (default runs/<timestamp>-<algorithm>)")
     train.add_argument("--seed", type=int)
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
     train.add_argument("--max-restarts", type=int, help="restart the worker group up to K times on failure")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     sub.add_parser("list", help="list algorithms, models and data sets")
@@ -79,7 +84,9 @@ def build_parser() -> ArgumentParser:
             if exc.name == module:
                 continue
             raise
-        mod.add_arguments(sub.add_parser(name, help=text, formatter_class=argparse.RawDescriptionHelpFormatter))
+        mod.add_arguments(
+            sub.add_parser(name, help=text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        )
     return parser
 
 
@@ -122,26 +129,32 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
             raise CheckpointError(f"resume {run_dir}: not a commsgd run directory (no config.yaml)")
         base = read_yaml(run_dir / "config.yaml")
         if args.config:
-            raise ConfigError("--config and --resume: a resumed run keeps its own config; pass overrides instead")
+            raise ConfigError(
+                "--config and --resume: a resumed run keeps its own config; pass overrides instead"
+            )
     else:
         base = read_yaml(args.config) if args.config else {}
     cfg = load_config(base, flag_overrides(args), validate_algorithm=validate_params)
     if resume:
         if cfg.algorithm != base.get("algorithm") or cfg.workers != base.get("workers"):
             raise CheckpointError(
-                f"resume {args.resume}: the run used algorithm {base.get('algorithm')!r} on {base.get('workers')} "
+                f"resume {args.resume}: the run used algorithm {base.get('algorithm')!r} on "
+                f"{base.get('workers')} "
                 f"workers; it cannot continue as {cfg.algorithm!r} on {cfg.workers}"
             )
         cfg.out = str(run_dir)
     if cfg.model not in MODELS:
         raise ConfigError(f"model: unknown name {cfg.model!r}; choose from {', '.join(MODELS)}")
     if cfg.data.dataset not in DATASETS:
-        raise ConfigError(f"data.dataset: unknown name {cfg.data.dataset!r}; choose from {', '.join(DATASETS)}")
+        raise ConfigError(
+            f"data.dataset: unknown name {cfg.data.dataset!r}; choose from {', '.join(DATASETS)}"
+        )
     if get_algorithm_class(cfg.algorithm).single_worker and cfg.workers != 1:
         raise ConfigError(f"workers: algorithm {cfg.algorithm!r} runs on one worker; use --workers 1")
     load_dataset(cfg.data.dataset, cfg.data.data_dir, model=cfg.model, seed=cfg.seed)  # fail fast on bad data
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.algorithm}"
-    if not resume and ((run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists()):
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun restarts its own run
+    if not (resume or restarted) and ((run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists()):
         raise ConfigError(f"out: {run_dir} already holds a run; use --resume {run_dir} or another --out")
     cfg.out = str(run_dir)
     return cfg, run_dir, resume
@@ -154,8 +167,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, run_dir, resume = resolve_train_config(args)
     if launched_by_torchrun():
-        import os
-
         cfg.workers = int(os.environ["WORLD_SIZE"])
         if int(os.environ["RANK"]) == 0:
             run_dir.mkdir(parents=True, exist_ok=True)

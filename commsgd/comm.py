@@ -35,6 +35,7 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any, Literal
 
 import torch
@@ -74,7 +75,7 @@ class Counters:
 
 @dataclass
 class CommMeter:
-    """Per-phase counters: ``train`` traffic is what the algorithm costs; ``eval``/``control`` are kept apart."""
+    """Per-phase counters: ``train`` is what the algorithm costs; ``eval`` and ``control`` are kept apart."""
 
     phase: str = "train"
     phases: dict[str, Counters] = field(default_factory=lambda: {"train": Counters()})
@@ -160,10 +161,19 @@ class Communicator:
 
     # ------------------------------------------------------------------ groups and bookkeeping
 
-    def new_group(self, ranks: Sequence[int]) -> CommGroup:
-        """Create a process group. Collective: every rank calls it with the same ranks, in the same order."""
+    def new_group(
+        self, ranks: Sequence[int], *, dedicated: bool = False, timeout: timedelta | None = None
+    ) -> CommGroup:
+        """Create a process group. Collective: every rank calls it with the same ranks, in the same order.
+
+        `dedicated`: a new process group even for all ranks (traffic served by a thread of its own);
+        `timeout`: its ops fail after this long (default: torch's default for new groups).
+        """
         ranks = tuple(sorted(ranks))
-        pg = None if len(ranks) == self.world_size else dist.new_group(list(ranks))
+        if len(ranks) == self.world_size and not dedicated:
+            pg = None
+        else:
+            pg = dist.new_group(list(ranks), timeout=timeout)
         return CommGroup(ranks, pg, len({self.node_of[r] for r in ranks}) > 1)
 
     def _group(self, group: CommGroup | None) -> CommGroup:
@@ -200,10 +210,11 @@ class Communicator:
         recv: float,
         hops: int,
         sync_device: torch.Tensor | None = None,
+        barrier: bool = True,
     ) -> None:
         """Run one blocking op: optional barrier (wait), the op, the network model delay; count it all."""
         c = self._record(payload, sent, recv)
-        if self.split_wait and group.size > 1:
+        if barrier and self.split_wait and group.size > 1:
             start = time.perf_counter()
             dist.barrier(group=group.pg)
             c.wait_s += time.perf_counter() - start
@@ -263,9 +274,7 @@ class Communicator:
             return out
         vol = (p - 1) * n
         flat = tensor.contiguous().view(-1)
-        self._run(
-            lambda: _all_gather_single(out.view(-1), flat, group=g.pg), g, n, vol, vol, p - 1, out
-        )
+        self._run(lambda: _all_gather_single(out.view(-1), flat, group=g.pg), g, n, vol, vol, p - 1, out)
         return out
 
     def reduce_scatter(
@@ -293,7 +302,7 @@ class Communicator:
         )
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, group: CommGroup | None = None) -> None:
-        """Exchange equal chunks: chunk j of this rank's `input` lands in chunk (this rank) of rank j's output."""
+        """Exchange equal chunks: chunk j of this rank's `input` goes to rank j (in this rank's slot)."""
         g = self._group(group)
         p, n = g.size, _nbytes(input)
         if p == 1:
@@ -357,29 +366,36 @@ class Communicator:
     def _p2p_delay(self, peer: int, n: int) -> float:
         return self._delay(n, 1, self.node_of[peer] != self.node_of[self.rank])
 
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
+    def send(self, tensor: torch.Tensor, dst: int, group: CommGroup | None = None) -> None:
+        """Send to global rank `dst` (over `group`'s process group when given). No split_wait barrier:
+        a point-to-point op has no group to wait for."""
         n = _nbytes(tensor)
-        g = CommGroup((self.rank, dst), None, self.node_of[dst] != self.node_of[self.rank])
-        self._run(lambda: dist.send(tensor, dst=dst), g, n, n, 0, 1, tensor)
+        pg = None if group is None else group.pg
+        g = CommGroup((self.rank, dst), pg, self.node_of[dst] != self.node_of[self.rank])
+        self._run(lambda: dist.send(tensor, dst=dst, group=pg), g, n, n, 0, 1, tensor, barrier=False)
 
-    def recv(self, tensor: torch.Tensor, src: int | None = None) -> int:
-        """Receive into `tensor` from `src` (any rank when None); returns the sender's rank."""
+    def recv(self, tensor: torch.Tensor, src: int | None = None, group: CommGroup | None = None) -> int:
+        """Receive into `tensor` from `src` (any rank when None); returns the sender's global rank."""
         n = _nbytes(tensor)
         sender: list[int] = []
         peer = src if src is not None else self.rank
-        g = CommGroup((self.rank, peer), None, self.node_of[peer] != self.node_of[self.rank])
-        self._run(lambda: sender.append(dist.recv(tensor, src=src)), g, n, 0, n, 0, tensor)
+        pg = None if group is None else group.pg
+        g = CommGroup((self.rank, peer), pg, self.node_of[peer] != self.node_of[self.rank])
+        self._run(
+            lambda: sender.append(dist.recv(tensor, src=src, group=pg)), g, n, 0, n, 0, tensor, barrier=False
+        )
         return sender[0]
 
-    def isend(self, tensor: torch.Tensor, dst: int) -> Pending:
+    def isend(self, tensor: torch.Tensor, dst: int, group: CommGroup | None = None) -> Pending:
         n = _nbytes(tensor)
         c = self._record(n, n, 0)
-        return Pending(self, dist.isend(tensor, dst=dst), c, self._p2p_delay(dst, n))
+        work = dist.isend(tensor, dst=dst, group=None if group is None else group.pg)
+        return Pending(self, work, c, self._p2p_delay(dst, n))
 
-    def irecv(self, tensor: torch.Tensor, src: int) -> Pending:
+    def irecv(self, tensor: torch.Tensor, src: int, group: CommGroup | None = None) -> Pending:
         n = _nbytes(tensor)
         c = self._record(n, 0, n)
-        return Pending(self, dist.irecv(tensor, src=src), c, 0.0)
+        return Pending(self, dist.irecv(tensor, src=src, group=None if group is None else group.pg), c, 0.0)
 
     def exchange(
         self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]

@@ -245,7 +245,7 @@ def describe_fields(cls: type[Any]) -> list[tuple[str, str, Any, str]]:
             f.default
             if f.default is not dataclasses.MISSING
             else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             )
         )
         rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", "")))

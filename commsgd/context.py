@@ -78,7 +78,9 @@ def env_int(name: str, default: int | None = None) -> int:
     value = os.environ.get(name)
     if value is None:
         if default is None:
-            raise ConfigError(f"environment variable {name} is not set: start workers with torchrun or commsgd")
+            raise ConfigError(
+                f"environment variable {name} is not set: start workers with torchrun or commsgd"
+            )
         return default
     return int(value)
 
@@ -93,7 +95,9 @@ def choose_device(cluster: ClusterConfig, local_rank: int) -> tuple[torch.device
     want_cuda = cluster.device == "cuda" or (cluster.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise ConfigError("cluster.device: cuda was asked for but no CUDA device is available")
-    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if want_cuda else torch.device("cpu")
+    device = (
+        torch.device("cuda", local_rank % torch.cuda.device_count()) if want_cuda else torch.device("cpu")
+    )
     backend = cluster.backend
     if backend == "auto":
         backend = "nccl" if want_cuda else "gloo"

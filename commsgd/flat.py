@@ -22,7 +22,9 @@ class FlatBuffer:
             raise ValueError(f"FlatBuffer tensors must share one dtype, got {sorted(map(str, dtypes))}")
         self.tensors = list(tensors)
         self.numels = [t.numel() for t in self.tensors]
-        self.buffer = torch.empty(sum(self.numels), dtype=self.tensors[0].dtype, device=self.tensors[0].device)
+        self.buffer = torch.empty(
+            sum(self.numels), dtype=self.tensors[0].dtype, device=self.tensors[0].device
+        )
 
     @property
     def numel(self) -> int:

@@ -70,8 +70,10 @@ def launch_local(cfg: Config, run_dir: Path, resume: bool) -> int:
         if codes == {USER_ERROR_EXIT}:
             return USER_ERROR_EXIT
         rank, first = exc.get_first_failure()
-        print(f"commsgd: worker rank {rank} failed (exit code {first.exitcode}); "
-              f"see the messages above. {first.message if isinstance(first.message, str) else ''}".rstrip(),
-              file=sys.stderr)
+        print(
+            f"commsgd: worker rank {rank} failed (exit code {first.exitcode}); "
+            f"see the messages above. {first.message if isinstance(first.message, str) else ''}".rstrip(),
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -1,4 +1,4 @@
-"""Run-directory records: per-worker ``metrics/rank{r}.jsonl``, ``eval.jsonl``, ``summary.json``, the end table.
+"""Run-directory records: ``metrics/rank{r}.jsonl``, ``eval.jsonl``, ``summary.json``, the end table.
 
 A run directory holds everything a report needs:
 
@@ -100,10 +100,16 @@ def mean(values: Sequence[float]) -> float:
 def summary_table(summary: dict[str, Any]) -> str:
     """The short table printed at the end of `commsgd train`."""
     rows = [
-        ("algorithm", f"{summary['algorithm']} ({summary['world_size']} workers, {summary['model']} on "
-                      f"{summary['dataset']})"),
-        ("steps per worker", f"{min(summary['steps'])}" + (
-            f"-{max(summary['steps'])}" if max(summary["steps"]) != min(summary["steps"]) else "")),
+        (
+            "algorithm",
+            f"{summary['algorithm']} ({summary['world_size']} workers, {summary['model']} on "
+            f"{summary['dataset']})",
+        ),
+        (
+            "steps per worker",
+            f"{min(summary['steps'])}"
+            + (f"-{max(summary['steps'])}" if max(summary["steps"]) != min(summary["steps"]) else ""),
+        ),
         ("test error", f"{100 * summary['test_error']:.2f} %"),
         ("test loss", f"{summary['test_loss']:.4f}"),
         ("wall-clock time", f"{summary['wall_time_s']:.1f} s"),

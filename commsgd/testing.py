@@ -19,8 +19,16 @@ import torch.multiprocessing as mp
 from commsgd.launch import free_port
 
 
-def _child(rank: int, fn: Callable[..., Any], world_size: int, local_world: int, port: int, out_dir: str,
-           args: tuple[Any, ...], env: dict[str, str]) -> None:
+def _child(
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    local_world: int,
+    port: int,
+    out_dir: str,
+    args: tuple[Any, ...],
+    env: dict[str, str],
+) -> None:
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -47,8 +55,14 @@ def _child(rank: int, fn: Callable[..., Any], world_size: int, local_world: int,
     Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, local_world_size: int | None = None,
-                    env: dict[str, str] | None = None, timeout: float = 180.0) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    local_world_size: int | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 180.0,
+) -> list[Any]:
     """Run `fn(*args)` on `world_size` spawned processes; return each rank's result (re-raise failures).
 
     `fn` must be importable (a module-level function) and its result picklable. It typically calls

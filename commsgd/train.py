@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch.utils.data import DistributedSampler
 
 from commsgd import checkpoint
 from commsgd.algorithms import Algorithm, build_algorithm
+from commsgd.algorithms.base import MiniBatch
 from commsgd.api import CommOptimizer
 from commsgd.config import DEFAULT_STEPS, Config, to_dict
 from commsgd.context import WorkerContext, create_context
@@ -32,8 +34,14 @@ class ShardedBatches:
     """Each worker's exclusive shard of the training set per epoch, in mini-batches (last one dropped)."""
 
     def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int) -> None:
-        self.sampler = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                          drop_last=True)
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            range(size),  # type: ignore[arg-type]  # only len() is used
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
         self.batch_size = batch_size
         self.per_epoch = len(self.sampler) // batch_size
         if self.per_epoch == 0:
@@ -87,16 +95,21 @@ class Trainer:
 
     def __init__(self, cfg: Config, ctx: WorkerContext, run_dir: Path) -> None:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
-        threads = cfg.cluster.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        threads = cfg.cluster.threads or max(
+            1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        )
         torch.set_num_threads(threads)
-        self.dataset: Dataset = load_dataset(cfg.data.dataset, cfg.data.data_dir, model=cfg.model, seed=cfg.seed)
+        self.dataset: Dataset = load_dataset(
+            cfg.data.dataset, cfg.data.data_dir, model=cfg.model, seed=cfg.seed
+        )
         torch.manual_seed(cfg.seed)  # the same initial model on every worker
         self.model = build_model(cfg.model, self.dataset.spec).to(ctx.device)
         self.algo = build_algorithm(cfg.algorithm, cfg.algo)
         self.optimizer = build_optimizer(cfg, self.model, self.algo)
         self.step_fn = CommOptimizer(self.optimizer, self.algo, self.model, ctx)
-        self.batches = ShardedBatches(len(self.dataset.train_y), cfg.data.batch_size, ctx.rank, ctx.world_size,
-                                      cfg.seed)
+        self.batches = ShardedBatches(
+            len(self.dataset.train_y), cfg.data.batch_size, ctx.rank, ctx.world_size, cfg.seed
+        )
         self.total = total_steps(cfg, self.batches.per_epoch)
         # Worker-specific randomness (augmentation, dropout) from one run seed.
         self.data_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + ctx.rank)
@@ -104,6 +117,7 @@ class Trainer:
         random.seed(cfg.seed * 7919 + ctx.rank)
         np.random.seed((cfg.seed * 7919 + ctx.rank) % 2**32)
         self.step = 0
+        self.batches_drawn = 0  # data position: one batch per step, or more for deadline-based methods
         self.compute_s = 0.0
         self.wall_offset = 0.0
         self.lr = cfg.optim.lr
@@ -135,7 +149,9 @@ class Trainer:
         self.ctx.comm.meter.load_state_dict(state["meter"])
         torch.set_rng_state(state["rng"]["torch"])
         self.data_gen.set_state(state["rng"]["data"])
-        self.step, self.compute_s, self.wall_offset = state["step"], state["compute_s"], state["wall_s"]
+        self.step = int(state["step"])
+        self.batches_drawn = int(state.get("batches", self.step))
+        self.compute_s, self.wall_offset = float(state["compute_s"]), float(state["wall_s"])
         self.metrics.truncate_after(step)
         if self.ctx.is_main:
             self.evals.truncate_after(step)
@@ -145,6 +161,7 @@ class Trainer:
         ctx = self.ctx
         state = {
             "step": self.step,
+            "batches": self.batches_drawn,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "algorithm": self.algo.state_dict(),
@@ -152,7 +169,11 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "data": self.data_gen.get_state()},
             "compute_s": self.compute_s,
             "wall_s": self.wall_s(),
-            "meta": {"algorithm": self.cfg.algorithm, "world_size": ctx.world_size, "config": to_dict(self.cfg)},
+            "meta": {
+                "algorithm": self.cfg.algorithm,
+                "world_size": ctx.world_size,
+                "config": to_dict(self.cfg),
+            },
         }
         checkpoint.save_checkpoint(self.run_dir, self.step, ctx.rank, state)
         checkpoint.prune_checkpoints(self.run_dir, ctx.rank, self.cfg.keep_checkpoints)
@@ -168,15 +189,13 @@ class Trainer:
         bar = self._progress()
         comm = ctx.comm.meter
         while not self.algo.should_stop(self.step, self.total):
-            epoch, index = divmod(self.step, self.batches.per_epoch)
+            epoch = self.batches_drawn // self.batches.per_epoch
             self._apply_lr(epoch)
             before = comm.totals()
             spent_in_comm = before.comm_s + before.wait_s
             start = time.perf_counter()
-            x, y = self.dataset.train_batch(self.batches.batch(epoch, index), self.data_gen)
-            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             self.step += 1
-            loss_value = self.step_fn.step(lambda: loss_and_errors(self.model(x), y)[0], step=self.step)
+            loss_value = self.step_fn.step(step=self.step, next_batch=self._next_batch)
             self._slow_down(time.perf_counter() - start)
             after = comm.totals()
             self.compute_s += time.perf_counter() - start - (after.comm_s + after.wait_s - spent_in_comm)
@@ -197,6 +216,18 @@ class Trainer:
         self._record_eval(final)
         self.save()
         return self._summarise(final)
+
+    def _loss_closure(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return lambda: loss_and_errors(self.model(x), y)[0]
+
+    def _next_batch(self) -> MiniBatch:
+        """This worker's next mini-batch (the algorithm draws one per step, or more by a deadline)."""
+        epoch, index = divmod(self.batches_drawn, self.batches.per_epoch)
+        self.batches_drawn += 1
+        indices = self.batches.batch(epoch, index)
+        x, y = self.dataset.train_batch(indices, self.data_gen)
+        x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+        return MiniBatch(self._loss_closure(x, y), int(indices.numel()))
 
     def _apply_lr(self, epoch: int) -> None:
         lr = learning_rate(self.cfg, self.step, self.wall_s())
@@ -242,11 +273,13 @@ class Trainer:
                     out = model(x.to(ctx.device))
                     loss, errors = loss_and_errors(out, y.to(ctx.device))
                     count = y.numel()
-                    sums += torch.tensor([loss.item() * count, float(errors), float(count)], dtype=torch.float64)
+                    sums += torch.tensor(
+                        [loss.item() * count, float(errors), float(count)], dtype=torch.float64
+                    )
             model.train(was_training)
             ctx.comm.all_reduce(sums, op="sum")
-        count = max(sums[2].item(), 1.0)
-        return {"test_loss": sums[0].item() / count, "test_error": sums[1].item() / count}
+        total = max(sums[2].item(), 1.0)
+        return {"test_loss": sums[0].item() / total, "test_error": sums[1].item() / total}
 
     def _record_eval(self, result: dict[str, float]) -> None:
         if self.ctx.is_main:
@@ -291,8 +324,16 @@ class Trainer:
             **final,
             "wall_time_s": max(w["wall_time_s"] for w in workers),
         }
-        for key in ("steps", "bytes_sent", "bytes_recv", "comm_time_s", "wait_time_s", "compute_time_s",
-                    "peak_memory_mb", "eval_bytes_sent"):
+        for key in (
+            "steps",
+            "bytes_sent",
+            "bytes_recv",
+            "comm_time_s",
+            "wait_time_s",
+            "compute_time_s",
+            "peak_memory_mb",
+            "eval_bytes_sent",
+        ):
             summary[key] = [w[key] for w in workers]
         summary["bytes_per_step"] = [w["bytes_sent"] / max(w["steps"], 1) for w in workers]
         summary["comm_share"] = [
@@ -313,7 +354,9 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.total, initial=self.step, desc=self.cfg.algorithm, unit="step", dynamic_ncols=True)
+        return tqdm(
+            total=self.total, initial=self.step, desc=self.cfg.algorithm, unit="step", dynamic_ncols=True
+        )
 
     def _tensorboard(self) -> Any:
         if not (self.cfg.tensorboard and self.ctx.is_main):
@@ -321,12 +364,16 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
+            raise ConfigError(
+                "tensorboard: true needs the tensorboard package (pip install tensorboard)"
+            ) from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
 
-def run_worker(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any] | None:
+def run_worker(cfg: Config, run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
     """Entry point of one worker process (embedded launcher or torchrun)."""
+    if run_dir is None:
+        raise ConfigError("out: a run directory is needed")
     ctx = create_context(cfg.cluster, cfg.network, cfg.seed, run_dir)
     try:
         trainer = Trainer(cfg, ctx, run_dir)
@@ -343,4 +390,3 @@ def run_worker(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any] | Non
 
 
 __all__ = ["ShardedBatches", "Trainer", "learning_rate", "mean", "run_worker", "total_steps"]
-

@@ -1,4 +1,4 @@
-"""Shared fixtures: keep torch single-threaded in the test process so parallel workers do not oversubscribe."""
+"""Keep torch single-threaded in the test process so parallel workers do not oversubscribe the cores."""
 
 import torch
 

@@ -21,7 +21,9 @@ def _model() -> torch.nn.Module:
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(STEPS, WORLD * BATCH, 10, generator=g), torch.randint(0, 3, (STEPS, WORLD * BATCH), generator=g)
+    return torch.randn(STEPS, WORLD * BATCH, 10, generator=g), torch.randint(
+        0, 3, (STEPS, WORLD * BATCH), generator=g
+    )
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:
@@ -35,7 +37,9 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.SGD:
 def _train_commsgd(overlap: bool) -> tuple[torch.Tensor, float, int]:
     ctx = commsgd.init()
     model = _model()
-    opt = commsgd.CommOptimizer(_optimizer(model), commsgd.build_algorithm("allreduce", overlap=overlap), model, ctx)
+    opt = commsgd.CommOptimizer(
+        _optimizer(model), commsgd.build_algorithm("allreduce", overlap=overlap), model, ctx
+    )
     xs, ys = _data()
     part = slice(ctx.rank * BATCH, (ctx.rank + 1) * BATCH)
     for step in range(STEPS):

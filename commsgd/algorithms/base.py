@@ -9,14 +9,17 @@ in a user's own loop) calls its hooks around the local optimizer step:
     optimizer.step()
     algo.after_step(step, loss)    # model traffic: leader pull, elastic averaging, gossip
 
-Everything an algorithm needs to resume lives in `state_dict()`; never a process group.
+The training loop produces the gradient through `compute_gradient(step, next_batch)`: by default one
+mini-batch (zero, forward, backward); deadline-based methods override it and draw as many mini-batches
+as they can finish in time. Everything an algorithm needs to resume lives in `state_dict()`; never a
+process group.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -33,6 +36,19 @@ class NoParams:
     """For algorithms without hyperparameters of their own."""
 
 
+@dataclasses.dataclass(frozen=True)
+class MiniBatch:
+    """One mini-batch drawn for `Algorithm.compute_gradient`: `loss()` runs the forward pass and returns
+    the mean loss over the batch's `size` samples."""
+
+    loss: Callable[[], torch.Tensor]
+    size: int
+
+
+NextBatch = Callable[[], MiniBatch]
+"""Draws this worker's next mini-batch from its shard (each call moves the data position on)."""
+
+
 class Algorithm:
     """Base class: every hook is a no-op, so an algorithm implements only what it changes."""
 
@@ -41,6 +57,8 @@ class Algorithm:
     Params: ClassVar[type[Any]] = NoParams
     #: runs on one worker only (plain SGD); the launcher refuses more workers
     single_worker: ClassVar[bool] = False
+    #: draws its own mini-batches in `compute_gradient`: a step needs `next_batch`, not a ready loss
+    draws_batches: ClassVar[bool] = False
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -61,16 +79,34 @@ class Algorithm:
     @property
     def bound_ctx(self) -> WorkerContext:
         if self.ctx is None:
-            raise RuntimeError(f"algorithm {self.name!r} is not bound: call bind(ctx, model, optimizer) first")
+            raise RuntimeError(
+                f"algorithm {self.name!r} is not bound: call bind(ctx, model, optimizer) first"
+            )
         return self.ctx
 
     @property
     def bound_model(self) -> torch.nn.Module:
         if self.model is None:
-            raise RuntimeError(f"algorithm {self.name!r} is not bound: call bind(ctx, model, optimizer) first")
+            raise RuntimeError(
+                f"algorithm {self.name!r} is not bound: call bind(ctx, model, optimizer) first"
+            )
         return self.model
 
     # -- hooks ----------------------------------------------------------------------------
+
+    def compute_gradient(self, step: int, next_batch: NextBatch) -> float:
+        """Fill the parameters' `.grad` for `step` from mini-batches of `next_batch()`; return the loss.
+
+        Default: one mini-batch (zero the gradients, forward, backward). Deadline-based methods override
+        it to draw as many mini-batches as finish in time.
+        """
+        if self.optimizer is None:
+            raise RuntimeError(f"algorithm {self.name!r} is not bound: call bind(ctx, model, optimizer)")
+        batch = next_batch()
+        self.optimizer.zero_grad(set_to_none=False)
+        value = batch.loss()
+        value.backward()
+        return float(value.detach().item())
 
     def after_backward(self, step: int) -> None:
         """Replace the local gradients by communicated ones (or leave them for local SGD)."""

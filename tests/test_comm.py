@@ -1,0 +1,115 @@
+"""The communication layer counts bytes by its documented model and applies the network model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import commsgd
+from commsgd.comm import Communicator
+from commsgd.config import ClusterConfig, NetworkConfig
+from commsgd.testing import run_distributed
+
+WORLD = 3
+
+
+def _ops() -> dict[str, tuple[float, float]]:
+    """Run each op once on 3 workers (2 emulated nodes of sizes 1..); return (sent, recv) per op."""
+    ctx = commsgd.init()
+    comm, r = ctx.comm, ctx.rank
+    result: dict[str, tuple[float, float]] = {}
+
+    def measure(name: str, fn) -> None:  # type: ignore[no-untyped-def]
+        before = comm.meter.totals()
+        sent0, recv0 = before.bytes_sent, before.bytes_recv
+        fn()
+        after = comm.meter.totals()
+        result[name] = (after.bytes_sent - sent0, after.bytes_recv - recv0)
+
+    x = torch.full((100,), float(r))  # 400 bytes
+    measure("all_reduce", lambda: comm.all_reduce(x, op="sum"))
+    assert torch.equal(x, torch.full((100,), 3.0))  # 0 + 1 + 2
+    y = torch.full((10,), float(r))
+    measure("broadcast", lambda: comm.broadcast(y, src=2))
+    assert torch.equal(y, torch.full((10,), 2.0))
+    gathered: list[torch.Tensor] = []
+    measure("all_gather", lambda: gathered.append(comm.all_gather(torch.tensor([r, r], dtype=torch.int64))))
+    assert gathered[0].tolist() == [[0, 0], [1, 1], [2, 2]]
+    out = torch.empty(2)
+    measure("reduce_scatter", lambda: comm.reduce_scatter(out, torch.ones(6) * (r + 1), op="avg"))
+    assert torch.equal(out, torch.full((2,), 2.0))
+    a2a = torch.empty(3)
+    measure("all_to_all", lambda: comm.all_to_all(a2a, torch.arange(3.0) + 10 * r))
+    assert a2a.tolist() == [float(r), 10.0 + r, 20.0 + r]
+    if r == 0:
+        measure("p2p", lambda: comm.send(torch.ones(25), dst=1))
+    elif r == 1:
+        measure("p2p", lambda: comm.recv(torch.empty(25), src=0))
+    else:
+        measure("p2p", lambda: None)
+    objs = comm.all_gather_json({"rank": r})
+    assert objs == [{"rank": 0}, {"rank": 1}, {"rank": 2}]
+    with comm.meter.in_phase("eval"):
+        comm.all_reduce(torch.ones(50))
+    result["eval_phase"] = (comm.meter.totals("eval").bytes_sent, comm.meter.totals("eval").calls)
+    result["calls"] = (comm.meter.totals().calls, 0)
+    ctx.close()
+    return result
+
+
+@pytest.mark.multiprocess
+def test_byte_model_of_every_op() -> None:
+    results = run_distributed(_ops, WORLD)
+    p = WORLD
+    for rank, res in enumerate(results):
+        assert res["all_reduce"] == pytest.approx((2 * (p - 1) / p * 400,) * 2)
+        assert res["broadcast"] == pytest.approx(((p - 1) / p * 40,) * 2)
+        assert res["all_gather"] == pytest.approx(((p - 1) * 16,) * 2)
+        assert res["reduce_scatter"] == pytest.approx(((p - 1) / p * 24,) * 2)
+        assert res["all_to_all"] == pytest.approx(((p - 1) / p * 12,) * 2)
+        assert res["p2p"] == {0: (100, 0), 1: (0, 100), 2: (0, 0)}[rank]
+        assert res["eval_phase"] == pytest.approx((2 * (p - 1) / p * 200, 1))
+
+
+def _delayed_all_reduce(group_size: int) -> tuple[float, float, bool]:
+    net = NetworkConfig(
+        enabled=True, inter_gbps=0.01, inter_latency_us=0.0, intra_gbps=1e6, intra_latency_us=0.0
+    )
+    ctx = commsgd.init(cluster=ClusterConfig(group_size=group_size), network=net)
+    ctx.comm.all_reduce(torch.ones(25_000))  # 100 kB
+    c = ctx.comm.meter.totals()
+    spans = ctx.world.spans_nodes
+    ctx.close()
+    return c.model_delay_s, c.bytes_sent, spans
+
+
+@pytest.mark.multiprocess
+def test_network_model_delay_follows_bytes_and_link_class() -> None:
+    across = run_distributed(_delayed_all_reduce, 2, 1)  # two nodes of one worker: the inter-node link
+    within = run_distributed(_delayed_all_reduce, 2, 2)  # one node of two workers: the intra-node link
+    delay, sent, spans = across[0]
+    assert spans
+    assert delay == pytest.approx(sent * 8 / 0.01e9)  # bytes / bandwidth, no latency configured
+    assert within[0][2] is False
+    assert within[0][0] == pytest.approx(within[0][1] * 8 / 1e15)
+
+
+def test_single_worker_groups_send_nothing() -> None:
+    comm = Communicator(rank=0, world_size=1, node_of=[0])
+    t = torch.ones(4)
+    comm.all_reduce(t)
+    comm.broadcast(t, src=0)
+    assert comm.all_gather(t).shape == (1, 4)
+    assert comm.meter.totals().bytes_sent == 0
+    assert torch.equal(t, torch.ones(4))
+
+
+def test_meter_state_round_trip() -> None:
+    comm = Communicator(rank=0, world_size=1, node_of=[0])
+    comm.meter.current.bytes_sent = 12.5
+    with comm.meter.in_phase("eval"):
+        comm.meter.current.calls = 3
+    other = Communicator(rank=0, world_size=1, node_of=[0])
+    other.meter.load_state_dict(comm.meter.state_dict())
+    assert other.meter.totals().bytes_sent == 12.5
+    assert other.meter.totals("eval").calls == 3
