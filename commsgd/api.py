@@ -19,7 +19,9 @@ Deadline-based algorithms (quantimed) draw their own mini-batches: call
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,8 +43,31 @@ def init(
     return create_context(cluster or ClusterConfig(), network, seed, Path(run_dir) if run_dir else None)
 
 
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient (policy `stop`, or too many bad steps in a row)."""
+
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite (no NaN, no +-Inf)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return not flags or bool(torch.stack(flags).all())
+
+
 class CommOptimizer:
-    """A torch optimizer wrapped so that each `step` runs the algorithm's hooks around the local update."""
+    """A torch optimizer wrapped so that each `step` runs the algorithm's hooks around the local update.
+
+    Non-finite values: when this worker's loss or gradient is NaN/Inf, its gradient is replaced by
+    zeros before the algorithm's hooks run, so it still takes part in every collective (the others
+    would wait for it) but contributes nothing, and the algorithm gets an infinite loss in
+    `after_step` (never the best worker, never the leader). A gradient that comes back non-finite
+    from communication (e.g. an all-reduce started during backward) is zeroed the same way, on every
+    worker alike. `nonfinite="skip"` goes on and stops after `max_bad_steps` bad steps in a row;
+    `"stop"` stops at the first one. Either way a ``nonfinite`` event is logged, and stopping raises
+    `NonFiniteError`.
+    """
 
     def __init__(
         self,
@@ -50,8 +75,18 @@ class CommOptimizer:
         algorithm: Algorithm,
         model: torch.nn.Module,
         ctx: WorkerContext,
+        *,
+        nonfinite: str = "skip",
+        max_bad_steps: int = 5,
     ) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}; got {nonfinite!r}")
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps: must be >= 1, got {max_bad_steps}")
         self.optimizer, self.algorithm, self.model, self.ctx = optimizer, algorithm, model, ctx
+        self.nonfinite, self.max_bad_steps = nonfinite, max_bad_steps
+        self.bad_in_a_row = 0
+        self.bad_steps = 0
         self.steps = 0
         if algorithm.ctx is None:
             algorithm.bind(ctx, model, optimizer)
@@ -92,10 +127,63 @@ class CommOptimizer:
             value.backward()
             loss = value
         loss_value = float(loss.detach().item()) if isinstance(loss, torch.Tensor) else float(loss or 0.0)
+        bad = None if math.isfinite(loss_value) else "loss"
+        if bad is None and not all_finite(self._gradients()):
+            bad = "gradient"
+        if bad is not None:
+            self._bad_step(bad)
+            self._zero_gradients()
         self.algorithm.after_backward(self.steps)
+        if not all_finite(self._gradients()):
+            if bad is None:
+                bad = "gradient after communication"
+                self._bad_step(bad)
+            self._zero_gradients()
+        if bad is None:
+            self.bad_in_a_row = 0
         self.optimizer.step()
-        self.algorithm.after_step(self.steps, loss_value)
+        own_fault = bad is not None and bad != "gradient after communication"
+        self.algorithm.after_step(self.steps, math.inf if own_fault else loss_value)
         return loss_value
+
+    def _gradients(self) -> list[torch.Tensor]:
+        return [
+            p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
+
+    def _zero_gradients(self) -> None:
+        for g in self._gradients():
+            g.zero_()
+
+    def _bad_step(self, what: str) -> None:
+        """Count and log a non-finite step; raise NonFiniteError when the policy says stop."""
+        self.bad_in_a_row += 1
+        self.bad_steps += 1
+        rank = self.ctx.rank
+        stop = self.nonfinite == "stop" or self.bad_in_a_row >= self.max_bad_steps
+        self.ctx.log_event(
+            {
+                "event": "nonfinite",
+                "step": self.steps,
+                "rank": rank,
+                "what": what,
+                "action": "stop" if stop else "skip",
+                "in_a_row": self.bad_in_a_row,
+                "policy": self.nonfinite,
+            }
+        )
+        if stop:
+            in_a_row = f" ({self.bad_in_a_row} bad steps in a row)" if self.nonfinite == "skip" else ""
+            raise NonFiniteError(
+                f"rank {rank}: non-finite {what} at step {self.steps}{in_a_row}; training stopped "
+                f"(nonfinite={self.nonfinite}, max_bad_steps={self.max_bad_steps})"
+            )
+        print(
+            f"commsgd: warning: rank {rank}: non-finite {what} at step {self.steps}; this worker's "
+            f"gradient is zeroed for the step ({self.bad_in_a_row} in a row, stop at {self.max_bad_steps})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @contextmanager
     def evaluated_parameters(self) -> Iterator[None]:
@@ -116,4 +204,4 @@ class CommOptimizer:
         self.steps = int(state["steps"])
 
 
-__all__ = ["CommOptimizer", "MiniBatch", "NextBatch", "init"]
+__all__ = ["CommOptimizer", "MiniBatch", "NextBatch", "NonFiniteError", "all_finite", "init"]

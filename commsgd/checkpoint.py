@@ -48,7 +48,18 @@ def save_checkpoint(run_dir: Path, step: int, rank: int, state: dict[str, Any]) 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
     return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable: flush the directory entry too (where the platform allows it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def saved_steps(run_dir: Path, rank: int) -> list[int]:
@@ -94,7 +105,16 @@ def loadable_steps(run_dir: Path, rank: int, limit: int) -> list[int]:
 
 
 def prune_checkpoints(run_dir: Path, rank: int, keep: int) -> None:
-    """Delete this rank's files beyond the newest `keep` steps; remove step folders left empty."""
+    """Delete this rank's files beyond the newest `keep` steps; remove step folders left empty.
+
+    Also removes this rank's temporary files left by a save that was killed (called right after a
+    save of this rank has completed, so none of them is being written).
+    """
+    root = checkpoint_root(run_dir)
+    for leftover in root.glob(f"step*/.rank{rank}.*.tmp") if root.is_dir() else []:
+        leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            leftover.parent.rmdir()
     for step in saved_steps(run_dir, rank)[keep:]:
         path = checkpoint_path(run_dir, step, rank)
         path.unlink(missing_ok=True)

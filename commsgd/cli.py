@@ -154,7 +154,9 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     load_dataset(cfg.data.dataset, cfg.data.data_dir, model=cfg.model, seed=cfg.seed)  # fail fast on bad data
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.algorithm}"
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun restarts its own run
-    if not (resume or restarted) and ((run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists()):
+    if not (resume or restarted) and (
+        (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists()
+    ):
         raise ConfigError(f"out: {run_dir} already holds a run; use --resume {run_dir} or another --out")
     cfg.out = str(run_dir)
     return cfg, run_dir, resume

@@ -8,6 +8,7 @@ own parameter dataclass, so algorithms declare their hyperparameters once.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,9 @@ class DataConfig:
     data_dir: str | None = None
     batch_size: int = bounded(32, ge=1, doc="mini-batch per worker")
 
+    def validate(self) -> None:
+        check_path_text(self.data_dir, "data.data_dir")
+
 
 @dataclass
 class OptimConfig:
@@ -72,10 +76,10 @@ class NetworkConfig:
     """
 
     enabled: bool = False
-    intra_gbps: float = bounded(100.0, gt=0, doc="bandwidth within a node, Gbit/s")
-    intra_latency_us: float = bounded(5.0, ge=0)
-    inter_gbps: float = bounded(1.0, gt=0, doc="bandwidth across nodes, Gbit/s")
-    inter_latency_us: float = bounded(50.0, ge=0)
+    intra_gbps: float = bounded(100.0, ge=1e-6, doc="bandwidth within a node, Gbit/s")
+    intra_latency_us: float = bounded(5.0, ge=0, le=1e7)
+    inter_gbps: float = bounded(1.0, ge=1e-6, doc="bandwidth across nodes, Gbit/s")
+    inter_latency_us: float = bounded(50.0, ge=0, le=1e7)
 
 
 @dataclass
@@ -85,12 +89,20 @@ class ClusterConfig:
     group_size: int | None = bounded(None, ge=1, doc="workers per emulated node (default: LOCAL_WORLD_SIZE)")
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = bounded(None, ge=1, doc="torch threads per worker (default: cores / workers)")
-    timeout_s: float = bounded(300.0, gt=0, doc="a collective or round waiting longer than this fails")
-    max_restarts: int = bounded(0, ge=0, doc="embedded launcher: restarts of the worker group")
+    threads: int | None = bounded(
+        None, ge=1, le=4096, doc="torch threads per worker (default: cores / workers)"
+    )
+    timeout_s: float = bounded(
+        300.0, gt=0, le=7 * 86400, doc="a collective, round or dead peer waiting longer than this fails"
+    )
+    max_restarts: int = bounded(
+        0, ge=0, le=1000, doc="restarts of the worker group from the last checkpoint after a failure"
+    )
     slow_ranks: list[int] = bounded([], doc="ranks that are slowed down")
-    slow_factor: float = bounded(1.0, ge=1, doc="slowed ranks take this many times their compute time")
-    slow_sleep_s: float = bounded(0.0, ge=0, doc="extra sleep per step on slowed ranks")
+    slow_factor: float = bounded(
+        1.0, ge=1, le=1e6, doc="slowed ranks take this many times their compute time"
+    )
+    slow_sleep_s: float = bounded(0.0, ge=0, le=86400, doc="extra sleep per step on slowed ranks")
     split_wait: bool = False
 
 
@@ -104,11 +116,15 @@ class Config:
     model: str = "mlp"
     steps: int | None = bounded(None, ge=1)
     epochs: int | None = bounded(None, ge=1)
-    seed: int = bounded(0, ge=0)
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
     out: str | None = None
     eval_every: int = bounded(100, ge=1, doc="evaluate the center variable every N steps and at the end")
     checkpoint_every: int = bounded(0, ge=0, doc="0: only the final checkpoint")
     keep_checkpoints: int = bounded(3, ge=1)
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_bad_steps: int = bounded(
+        5, ge=1, doc="nonfinite=skip: stop after this many consecutive non-finite steps on a worker"
+    )
     log_every: int = bounded(1, ge=1)
     progress: bool = True
     tensorboard: bool = False
@@ -117,10 +133,31 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def validate(self) -> None:
+        check_path_text(self.out, "out")
+
 
 DEFAULT_STEPS = 600
+#: a config (after YAML aliases are expanded) with more values than this is refused, not expanded
+MAX_CONFIG_NODES = 100_000
+
+
+def shown(text: Any) -> str:
+    """`text` as it can appear inside a one-line message: as is when printable, else its repr."""
+    s = str(text)
+    return s if s.isprintable() and s.strip() == s and s else repr(s)
+
+
+def check_path_text(value: str | None, where: str) -> None:
+    """A path field must not hold NUL or other control characters (no OS takes them; messages break)."""
+    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigError(f"{where}: a path without control characters is needed, got {value!r}")
+
 
 # --------------------------------------------------------------------------------------- converter
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -178,11 +215,19 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; everyone means a number
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if value != value or value in (float("inf"), float("-inf")):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(
+                f"{where}: must be a finite number, got an integer of {len(str(value))} digits"
+            ) from None
+        if number != number or number in (float("inf"), float("-inf")):
             raise ConfigError(f"{where}: must be a finite number, got {value!r}")
-        return float(value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -217,7 +262,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     prefix = f"{where}." if where else ""
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; allowed: {', '.join(sorted(fields))}")
+        raise ConfigError(f"{prefix}{shown(unknown[0])}: unknown field; allowed: {', '.join(sorted(fields))}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         path = f"{prefix}{name}"
@@ -244,9 +289,7 @@ def describe_fields(cls: type[Any]) -> list[tuple[str, str, Any, str]]:
         default = (
             f.default
             if f.default is not dataclasses.MISSING
-            else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-            )
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", "")))
     return rows
@@ -265,9 +308,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: {key!r} is not a dotted field name")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
-    return parts, value
+    return parts, plain_tree(value, ".".join(parts))
 
 
 def apply_override(data: dict[str, Any], parts: Sequence[str], value: Any) -> None:
@@ -286,18 +329,20 @@ def apply_override(data: dict[str, Any], parts: Sequence[str], value: Any) -> No
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with the safe loader; any problem is one ConfigError line."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p}: not found")
+    if not p.is_file():  # False (not an error) for names the OS cannot hold, e.g. with NUL
+        raise ConfigError(f"config file {shown(p)}: not found")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"config file {p}: not valid YAML ({first})") from None
+        raise ConfigError(f"config file {shown(p)}: not valid YAML ({first})") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {shown(p)}: cannot be read ({exc.strerror})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p}: top level must be a mapping of fields")
-    return data
+        raise ConfigError(f"config file {shown(p)}: top level must be a mapping of fields")
+    return plain_tree(data, "config")
 
 
 AlgoValidator = Callable[[str, dict[str, Any]], dict[str, Any]]
@@ -314,7 +359,7 @@ def load_config(
     `validate_algorithm(name, params)` checks the algorithm name and its parameters and returns them
     with defaults filled in; the algorithm registry provides it (kept out of here to avoid an import cycle).
     """
-    data: dict[str, Any] = _deep_copy(dict(base or {}))
+    data: dict[str, Any] = plain_tree(dict(base or {}), "config")
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(data, parts, value)
@@ -326,12 +371,34 @@ def load_config(
     return cfg
 
 
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
+def plain_tree(data: Any, where: str) -> Any:
+    """A fresh copy of nested dicts and lists (tuples become lists).
+
+    YAML anchors and aliases can make a small document a cycle or an exponentially large tree once
+    expanded: both are refused with a ConfigError instead of recursing or expanding without bound.
+    """
+    budget = [MAX_CONFIG_NODES]
+    open_ids: set[int] = set()
+
+    def copy(node: Any) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES} values once YAML aliases are expanded")
+        if not isinstance(node, dict | list | tuple):
+            return node
+        if id(node) in open_ids:
+            raise ConfigError(f"{where}: a value contains itself (recursive YAML alias)")
+        if len(open_ids) > 100:
+            raise ConfigError(f"{where}: nested more than 100 levels deep")
+        open_ids.add(id(node))
+        try:
+            if isinstance(node, dict):
+                return {k: copy(v) for k, v in node.items()}
+            return [copy(v) for v in node]
+        finally:
+            open_ids.discard(id(node))
+
+    return copy(data)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -7,8 +7,14 @@ LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), the same whether the embedded l
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
+import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +26,89 @@ import torch.distributed as dist
 from commsgd.comm import CommGroup, Communicator
 from commsgd.config import ClusterConfig, NetworkConfig
 from commsgd.errors import ConfigError
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed because peers died or hang; the one-line message names them."""
+
+
+def heartbeat_interval(timeout_s: float) -> float:
+    """Seconds between two heartbeats: a thirtieth of the timeout, kept between 0.1 and 5 s."""
+    return min(5.0, max(0.1, timeout_s / 30))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+class Heartbeat:
+    """Tells the survivors of a failure which peers are gone.
+
+    A daemon thread adds 1 to ``heartbeat/rank{r}`` on the job's store every `interval_s` seconds
+    (over its own store connection). After a collective fails, `silent_peers` samples every counter,
+    waits `wait_s` (three intervals, at least a second) and samples again: a peer whose counter did
+    not move and that did not report a status (``failed`` after its own error, ``exited`` after a
+    normal end) died or hangs. The store lives in the launcher (commsgd's, or torch elastic's agent
+    under torchrun) or in rank 0, so this works whenever the store outlives the lost worker; when
+    the store itself is gone, that is reported instead.
+    """
+
+    def __init__(self, store: Any, rank: int, world_size: int, interval_s: float) -> None:
+        self.store, self.rank, self.world_size, self.interval_s = store, rank, world_size, interval_s
+        self.wait_s = max(1.0, 3 * interval_s)
+        try:
+            beat_store = store.clone()  # the training thread keeps using `store`
+        except (AttributeError, RuntimeError, NotImplementedError):
+            beat_store = store
+        self._beat_store = beat_store
+        self._stop = threading.Event()
+        self._status: str | None = None
+        self._thread = threading.Thread(target=self._run, name="commsgd-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        key = f"heartbeat/rank{self.rank}"
+        while not self._stop.is_set():
+            try:
+                self._beat_store.add(key, 1)
+            except Exception:  # the store is gone: there is nobody left to tell
+                return
+            self._stop.wait(self.interval_s)
+
+    def report(self, status: str) -> None:
+        """Record this worker's status (``failed`` or ``exited``) for peers diagnosing a failure."""
+        if self._status == status:
+            return
+        self._status = status
+        with contextlib.suppress(Exception):  # the store is gone: nobody is left to read it
+            self.store.set(f"status/rank{self.rank}", status)
+
+    def stop(self) -> None:
+        if self._status is None:
+            self.report("exited")
+        self._stop.set()
+        self._thread.join(timeout=2 * self.interval_s + 1)
+
+    def silent_peers(self) -> tuple[list[int], list[int]] | None:
+        """(peers without a heartbeat, peers that reported a failure); None when the store is unreachable."""
+        keys = [f"heartbeat/rank{r}" for r in range(self.world_size)]
+        try:
+            before = [int(self.store.add(k, 0)) for k in keys]
+            time.sleep(self.wait_s)
+            after = [int(self.store.add(k, 0)) for k in keys]
+            status = {
+                r: bytes(self.store.get(f"status/rank{r}")).decode()
+                for r in range(self.world_size)
+                if r != self.rank and self.store.check([f"status/rank{r}"])
+            }
+        except Exception:
+            return None
+        silent = [
+            r for r in range(self.world_size) if r != self.rank and r not in status and after[r] == before[r]
+        ]
+        failed = [r for r, s in sorted(status.items()) if s == "failed"]
+        return silent, failed
 
 
 @dataclass
@@ -41,6 +130,7 @@ class WorkerContext:
     timeout: timedelta
     run_dir: Path | None = None
     restart_count: int = 0
+    heartbeat: Heartbeat | None = field(default=None, repr=False)
     _event_file: IO[str] | None = field(default=None, repr=False)
 
     @property
@@ -66,7 +156,37 @@ class WorkerContext:
         self._event_file.write(json.dumps(record) + "\n")
         self._event_file.flush()
 
+    def diagnose_failure(self, exc: BaseException) -> PeerFailure | None:
+        """After `exc` (e.g. a failed collective): a PeerFailure naming the peers that are gone.
+
+        None when every peer is still alive (the failure is not a lost peer: re-raise `exc`). Takes
+        about three heartbeat intervals; the survivors of a lost peer each report it this way.
+        """
+        hb = self.heartbeat
+        if hb is None or self.world_size == 1:
+            return None
+        hb.report("failed")
+        found = hb.silent_peers()
+        first = _first_line(exc)
+        if found is None:
+            return PeerFailure(
+                f"rank {self.rank}: lost the job's store (hosted by the launcher of node 0 or by rank 0), "
+                f"so that host or process is gone; the error was: {first}"
+            )
+        silent, failed = found
+        if not silent:
+            return None
+        names = ", ".join(map(str, silent))
+        also = f"; rank(s) {', '.join(map(str, failed))} failed as well" if failed else ""
+        return PeerFailure(
+            f"rank {self.rank}: lost rank {names}: no heartbeat for {hb.wait_s:.1f} s "
+            f"(the process died or hangs){also}; the error was: {first}"
+        )
+
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
         if self._event_file is not None:
             self._event_file.close()
             self._event_file = None
@@ -115,9 +235,73 @@ def node_layout(world_size: int, group_size: int) -> list[int]:
     return [r // group_size for r in range(world_size)]
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _job_store(rank: int, world_size: int, timeout: timedelta, restart_count: int) -> Any | None:
+    """The store to build the process group on where torch's env:// default falls short; else None.
+
+    * Under commsgd's own launcher: the store it hosts on 127.0.0.1 (`commsgd.launch.STORE_ENV`),
+      with a key prefix per restart attempt (one agent: every worker has the same restart count).
+    * Under torchrun, torch elastic's agent hosts one store for every attempt, so the workers of a
+      restarted attempt can read the gloo addresses of the dead attempt and fail to connect
+      (pytorch/pytorch#135712). On one node (one agent, one restart count for every worker) each
+      attempt gets its own key prefix. Across nodes the agents' restart counts can differ, so there
+      run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/reliability.md).
+    * torch's own env:// store server (rank 0) listens on every interface whatever MASTER_ADDR says.
+      When MASTER_ADDR is a loopback address, rank 0 hosts it on a socket bound to that address.
+    """
+    launcher_store = os.environ.get("COMMSGD_STORE", "")
+    run_id, _, address = launcher_store.partition("@")
+    if address and run_id == os.environ.get("TORCHELASTIC_RUN_ID"):
+        store_host, _, store_port = address.rpartition(":")
+        client = dist.TCPStore(store_host, int(store_port), world_size, is_master=False, timeout=timeout)
+        return dist.PrefixStore(f"default_pg/attempt{restart_count}", client)
+    host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT")
+    if not port:
+        return None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        if restart_count == 0 or env_int("GROUP_WORLD_SIZE", 1) != 1:
+            return None
+        client = dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timeout)
+        return dist.PrefixStore(f"default_pg/attempt{restart_count}", client)
+    if not _is_loopback(host):
+        return None
+    bind_host = "127.0.0.1" if host == "localhost" else host
+    if rank == 0:
+        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((bind_host, int(port)))
+            sock.listen(max(128, world_size))
+        except OSError:
+            sock.close()
+            raise
+        store = dist.TCPStore(
+            bind_host,
+            int(port),
+            world_size,
+            is_master=True,
+            timeout=timeout,
+            master_listen_fd=sock.detach(),
+            use_libuv=True,
+        )
+    else:
+        store = dist.TCPStore(bind_host, int(port), world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore("default_pg", store)  # the prefix torch's env:// path adds
+
+
 def _default_store() -> Any:
-    # The store torch.distributed rendezvoused through; shared by all ranks and hosted by the launcher
-    # (torch elastic's agent store), so counters survive no worker. There is no public accessor.
+    # The store torch.distributed rendezvoused through, shared by all ranks: hosted by the launcher
+    # (commsgd's or torch elastic's agent under torchrun; it outlives every worker), or by rank 0 in
+    # plain env:// starts. There is no public accessor.
     return dist.distributed_c10d._get_default_store()
 
 
@@ -137,7 +321,26 @@ def create_context(
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=cluster.timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        job_store = _job_store(rank, world_size, timeout, restart_count)
+        if job_store is not None:
+            dist.init_process_group(
+                backend, store=job_store, rank=rank, world_size=world_size, timeout=timeout
+            )
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    if (
+        rank == 0
+        and restart_count == 0
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and env_int("GROUP_WORLD_SIZE", 1) > 1
+        and env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0
+    ):
+        print(
+            "commsgd: warning: torchrun restarts across nodes need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+            "the environment of every torchrun (pytorch/pytorch#135712); see docs/reliability.md",
+            file=sys.stderr,
+            flush=True,
+        )
     node_of = node_layout(world_size, cluster.group_size or local_world)
     comm = Communicator(rank, world_size, node_of, network, cluster.split_wait)
     num_nodes = max(node_of) + 1
@@ -149,6 +352,9 @@ def create_context(
             node_group = group
     # Keys of an earlier attempt stay in the launcher's store after a restart: give each attempt its own.
     store = dist.PrefixStore(f"commsgd/attempt{restart_count}/", _default_store())
+    heartbeat = (
+        Heartbeat(store, rank, world_size, heartbeat_interval(cluster.timeout_s)) if world_size > 1 else None
+    )
     return WorkerContext(
         rank=rank,
         world_size=world_size,
@@ -165,4 +371,5 @@ def create_context(
         timeout=timeout,
         run_dir=run_dir,
         restart_count=restart_count,
+        heartbeat=heartbeat,
     )

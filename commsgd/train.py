@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,10 @@ from torch.utils.data import DistributedSampler
 from commsgd import checkpoint
 from commsgd.algorithms import Algorithm, build_algorithm
 from commsgd.algorithms.base import MiniBatch
-from commsgd.api import CommOptimizer
+from commsgd.api import CommOptimizer, NonFiniteError
 from commsgd.config import DEFAULT_STEPS, Config, to_dict
 from commsgd.context import WorkerContext, create_context
-from commsgd.errors import CheckpointError, ConfigError
+from commsgd.errors import CheckpointError, ConfigError, UserError
 from commsgd.metrics import JsonlLog, mean, peak_memory_mb, summary_table, write_json_atomic
 from commsgd.tasks import Dataset, build_model, load_dataset, loss_and_errors
 
@@ -106,7 +109,14 @@ class Trainer:
         self.model = build_model(cfg.model, self.dataset.spec).to(ctx.device)
         self.algo = build_algorithm(cfg.algorithm, cfg.algo)
         self.optimizer = build_optimizer(cfg, self.model, self.algo)
-        self.step_fn = CommOptimizer(self.optimizer, self.algo, self.model, ctx)
+        self.step_fn = CommOptimizer(
+            self.optimizer,
+            self.algo,
+            self.model,
+            ctx,
+            nonfinite=cfg.nonfinite,
+            max_bad_steps=cfg.max_bad_steps,
+        )
         self.batches = ShardedBatches(
             len(self.dataset.train_y), cfg.data.batch_size, ctx.rank, ctx.world_size, cfg.seed
         )
@@ -129,7 +139,14 @@ class Trainer:
 
     def restore(self) -> bool:
         """Load the newest checkpoint step that every worker can load; False when there is none."""
-        mine = checkpoint.loadable_steps(self.run_dir, self.ctx.rank, self.cfg.keep_checkpoints + 2)
+        with warnings.catch_warnings(record=True) as problems:
+            warnings.simplefilter("always")
+            mine = checkpoint.loadable_steps(self.run_dir, self.ctx.rank, self.cfg.keep_checkpoints + 2)
+        for problem in problems:  # a truncated, corrupt or unsafe file: said once per file, then skipped
+            print(f"commsgd: warning: rank {self.ctx.rank}: {problem.message}", file=sys.stderr, flush=True)
+            self.ctx.log_event(
+                {"event": "checkpoint_skipped", "rank": self.ctx.rank, "reason": str(problem.message)}
+            )
         with self.ctx.comm.meter.in_phase("control"):
             everyone = self.ctx.comm.all_gather_json(mine)
         common = set(everyone[0]).intersection(*map(set, everyone[1:]))
@@ -147,7 +164,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.algo.load_state_dict(state["algorithm"])
         self.ctx.comm.meter.load_state_dict(state["meter"])
-        torch.set_rng_state(state["rng"]["torch"])
+        set_rng_state(state["rng"])
         self.data_gen.set_state(state["rng"]["data"])
         self.step = int(state["step"])
         self.batches_drawn = int(state.get("batches", self.step))
@@ -155,6 +172,12 @@ class Trainer:
         self.metrics.truncate_after(step)
         if self.ctx.is_main:
             self.evals.truncate_after(step)
+            print(
+                f"commsgd: resumed from the checkpoint of step {step} (attempt {self.ctx.restart_count})",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.ctx.log_event({"event": "restored", "step": step, "attempt": self.ctx.restart_count})
         return True
 
     def save(self) -> None:
@@ -166,7 +189,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "algorithm": self.algo.state_dict(),
             "meter": ctx.comm.meter.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "data": self.data_gen.get_state()},
+            "rng": {**rng_state(), "data": self.data_gen.get_state()},
             "compute_s": self.compute_s,
             "wall_s": self.wall_s(),
             "meta": {
@@ -370,23 +393,89 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
 
+def rng_state() -> dict[str, Any]:
+    """Every global random stream a worker draws from, as tensors and plain data (safe to load)."""
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)
+    kind, keys, pos, has_gauss, cached = legacy
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [
+            kind,
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved (older checkpoints hold the torch state only)."""
+    torch.set_rng_state(state["torch"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_worker_record(run_dir: Path, ctx: WorkerContext) -> None:
+    """``workers/rank{r}.json``: pid, host and attempt of this worker (for operators and fault tests)."""
+    path = run_dir / "workers" / f"rank{ctx.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "rank": ctx.rank,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "attempt": ctx.restart_count,
+    }
+    write_json_atomic(path, record)
+
+
 def run_worker(cfg: Config, run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
-    """Entry point of one worker process (embedded launcher or torchrun)."""
+    """Entry point of one worker process (embedded launcher or torchrun).
+
+    A failed collective is turned into a one-line `PeerFailure` naming the peers whose heartbeat
+    stopped (see `WorkerContext.diagnose_failure`); other errors propagate unchanged.
+    """
     if run_dir is None:
         raise ConfigError("out: a run directory is needed")
     ctx = create_context(cfg.cluster, cfg.network, cfg.seed, run_dir)
     try:
-        trainer = Trainer(cfg, ctx, run_dir)
-        restored = trainer.restore() if (resume or ctx.restart_count > 0) else False
-        if resume and not restored:
-            raise CheckpointError(f"resume {run_dir}: no checkpoint that every worker can load")
-        if not restored:  # a fresh start (or a restart before the first checkpoint): no stale records
-            trainer.metrics.truncate_after(0)
-            if ctx.is_main:
-                trainer.evals.truncate_after(0)
-        return trainer.run()
+        write_worker_record(run_dir, ctx)
+        return _train(cfg, ctx, run_dir, resume)
+    except (UserError, NonFiniteError):
+        if ctx.heartbeat is not None:
+            ctx.heartbeat.report("failed")
+        raise
+    except Exception as exc:
+        failure = ctx.diagnose_failure(exc)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         ctx.close()
+
+
+def _train(cfg: Config, ctx: WorkerContext, run_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """Build the trainer, restore on --resume or after an elastic restart, and run to the end."""
+    trainer = Trainer(cfg, ctx, run_dir)
+    restored = trainer.restore() if (resume or ctx.restart_count > 0) else False
+    if resume and not restored:
+        raise CheckpointError(f"resume {run_dir}: no checkpoint that every worker can load")
+    if not restored:  # a fresh start (or a restart before the first checkpoint): no stale records
+        trainer.metrics.truncate_after(0)
+        if ctx.is_main:
+            trainer.evals.truncate_after(0)
+    return trainer.run()
 
 
 __all__ = ["ShardedBatches", "Trainer", "learning_rate", "mean", "run_worker", "total_steps"]

@@ -1,0 +1,413 @@
+"""Compressed gradient averaging: error-feedback SGD over any compressor, and signum with majority vote.
+
+`ef_sgd` (EF-SGD, Karimireddy et al. 2019) compresses one flat float32 vector of all gradients per step:
+
+    p = g + e;   send C(p);   e = p - decompress(C(p))          (e is kept only with error_feedback)
+
+and averages the workers' decompressed messages. Payloads that can be added without decoding (the
+compressor is `summable`: fp16, none, randomk with shared indices) are all-reduced; the others (sign,
+top-k, QSGD, ...) are all-gathered as packed bytes, and every worker decodes all of them and averages.
+The raw gradient is compressed: the local torch SGD applies momentum and weight decay to the averaged
+gradient, identically on every worker. `qsgd`, `topk`, `randomk` and `fp16` are `ef_sgd` with that
+compressor and its usual error-feedback default.
+
+`signum` (Bernstein et al. 2018): each worker keeps m = beta m + (1 - beta) g, all-gathers the packed
+signs of m, and steps x -= lr * sign(sum of the workers' signs) (a tie, possible with an even number of
+workers, leaves the coordinate unchanged). Torch momentum is off; torch weight decay stays on and is
+decoupled: x -= lr * (vote + wd x).
+
+The helpers here (`FlatGradients`, `CompressorParams`, `Wire`, `Traffic`) are shared with `dist_ef_sgd`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from commsgd.algorithms.base import Algorithm, register
+from commsgd.comm import Communicator
+from commsgd.compression import Compressor, ErrorFeedback, Payload, RandomK, get, unpack_signs
+from commsgd.config import OptimConfig, bounded
+from commsgd.errors import ConfigError
+from commsgd.flat import parameters_of
+
+if TYPE_CHECKING:
+    from commsgd.context import WorkerContext
+
+FLOAT32_BYTES = 4
+
+
+# ---------------------------------------------------------------------------------------- shared helpers
+
+
+class FlatGradients:
+    """The gradients of a parameter list as one float32 vector (one message), and back.
+
+    A parameter without a gradient counts as a zero gradient (as in `allreduce`).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        if not params:
+            raise ValueError("FlatGradients needs at least one parameter")
+        self.params = list(params)
+        self.numels = [p.numel() for p in self.params]
+        self.numel = sum(self.numels)
+        self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.params[0].device)
+
+    def gather(self) -> Tensor:
+        """Copy the current gradients into the vector and return it."""
+        grads = [p.grad for p in self.params]
+        if all(g is not None and g.dtype == torch.float32 for g in grads):
+            return torch.cat([g.reshape(-1) for g in grads if g is not None], out=self.buffer)
+        for view, p in zip(self.buffer.split(self.numels), self.params):
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(p.grad.reshape(-1))
+        return self.buffer
+
+    def scatter(self, flat: Tensor) -> None:
+        """Write `flat` (numel elements) into the parameters' gradients."""
+        for view, p in zip(flat.split(self.numels), self.params):
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(view.view_as(p))
+
+    def values(self) -> Tensor:
+        """The parameters themselves as one float32 vector (a copy)."""
+        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
+
+
+@dataclass
+class CompressorParams:
+    """A compressor by name plus its parameters; a parameter left unset keeps the compressor's default."""
+
+    fixed_compressor: ClassVar[str | None] = None
+
+    compressor: str = "scaled_sign"
+    ratio: float | None = bounded(None, gt=0, le=1, doc="topk/randomk: fraction of coordinates sent")
+    k: int | None = bounded(None, ge=1, doc="topk/randomk: number of coordinates sent (instead of ratio)")
+    block_size: int | None = bounded(None, ge=1, doc="block_sign: elements per block")
+    block_per_tensor: bool = False
+    levels: int | None = bounded(None, ge=1, le=127, doc="qsgd: quantisation levels s")
+    bucket_size: int | None = bounded(None, ge=1, doc="qsgd: elements per norm bucket")
+    bits: int | None = bounded(None, ge=1, le=16, doc="rounding: bits per level")
+    shared_indices: bool | None = None
+    error_feedback: bool = True
+
+    def compressor_kwargs(self) -> dict[str, Any]:
+        names = ("ratio", "k", "block_size", "levels", "bucket_size", "bits", "shared_indices")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def build(self, sizes: Sequence[int] | None = None) -> Compressor:
+        """The compressor; `sizes` are the per-tensor block sizes used with `block_per_tensor`."""
+        kwargs = self.compressor_kwargs()
+        if self.block_per_tensor:
+            kwargs["sizes"] = list(sizes) if sizes is not None else [1]
+        return get(self.compressor, **kwargs)
+
+    def validate(self) -> None:
+        if self.fixed_compressor is not None and self.compressor != self.fixed_compressor:
+            raise ConfigError(
+                f"algo.compressor: fixed to {self.fixed_compressor!r} here; use ef_sgd for other compressors"
+            )
+        if self.compressor == "powersgd":
+            raise ConfigError("algo.compressor: powersgd needs matrices; use the powersgd algorithm")
+        if self.block_per_tensor and (self.compressor != "block_sign" or self.block_size is not None):
+            raise ConfigError("algo.block_per_tensor: only with compressor=block_sign and no block_size")
+        self.build()  # unknown or out-of-range compressor parameters fail here, at config time
+
+
+def derived_seed(seed: int, salt: int, rank: int | None = None) -> int:
+    """A generator seed from the run seed: shared by all workers when `rank` is None."""
+    return (seed * 1_000_003 + salt * 7919 + (0 if rank is None else rank + 1)) % 2**63
+
+
+def shares_randomness(compressor: Compressor) -> bool:
+    """Whether workers must draw the same random numbers (randomk with indices derived, not sent)."""
+    return isinstance(compressor, RandomK) and compressor.shared_indices
+
+
+class Wire:
+    """Byte layout of a compressor's payload for a vector of `numel` elements: its buffers end to end,
+    so that a payload of several buffers (values + indices, bits + scales) travels as one uint8 message."""
+
+    def __init__(self, compressor: Compressor, numel: int) -> None:
+        self.compressor, self.numel = compressor, numel
+        self.specs = compressor.buffer_specs(torch.Size([numel]))
+        self.nbytes = compressor.payload_nbytes(numel)
+
+    def pack(self, payload: Payload, out: Tensor) -> Tensor:
+        """Write the payload's buffers into the first `nbytes` of uint8 `out` (the rest is left as is)."""
+        offset = 0
+        for name, (count, dtype) in self.specs.items():
+            size = count * dtype.itemsize
+            out[offset : offset + size].copy_(payload.buffers[name].reshape(-1).view(torch.uint8))
+            offset += size
+        return out
+
+    def unpack(self, data: Tensor, template: Payload | None = None) -> Payload:
+        """The payload packed in `data` (uint8, at least `nbytes`); `template` supplies shared tensors."""
+        buffers: dict[str, Tensor] = {}
+        offset = 0
+        for name, (count, dtype) in self.specs.items():
+            size = count * dtype.itemsize
+            # clone: a received row may start at any byte, and a typed view needs aligned storage
+            buffers[name] = data[offset : offset + size].clone().view(dtype)
+            offset += size
+        if template is not None:
+            return template.with_buffers(buffers)
+        return Payload(buffers, torch.Size([self.numel]), torch.float32)
+
+    def decode(self, data: Tensor, template: Payload | None = None) -> Tensor:
+        """Decompressed float32 vector of the payload packed in `data`."""
+        if self.numel == 0:
+            return torch.zeros(0, dtype=torch.float32, device=data.device)
+        return self.compressor.decompress(self.unpack(data, template))
+
+
+@dataclass
+class Traffic:
+    """Gradient bytes this worker sent, against a plain float32 all-reduce of the same gradients."""
+
+    dense_bytes_per_step: float
+    steps: int = 0
+    bytes_sent: float = 0.0
+
+    @classmethod
+    def for_allreduce(cls, numel: int, world_size: int) -> Traffic:
+        return cls(2 * (world_size - 1) / world_size * FLOAT32_BYTES * numel)
+
+    @contextlib.contextmanager
+    def step(self, comm: Communicator) -> Iterator[None]:
+        """Count what `comm` sends inside the block as one step's gradient traffic."""
+        before = comm.meter.current.bytes_sent
+        yield
+        self.bytes_sent += comm.meter.current.bytes_sent - before
+        self.steps += 1
+
+    def summary(self) -> dict[str, Any]:
+        per_step = self.bytes_sent / self.steps if self.steps else 0.0
+        ratio = self.dense_bytes_per_step / per_step if per_step > 0 else None
+        return {
+            "bytes_per_step": per_step,
+            "allreduce_bytes_per_step": self.dense_bytes_per_step,
+            "compression_ratio": ratio,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "bytes_sent": self.bytes_sent}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.bytes_sent = int(state["steps"]), float(state["bytes_sent"])
+
+
+def load_into(name: str, target: Tensor, source: Tensor) -> None:
+    """Copy a checkpointed buffer into a bound one, refusing a shape that does not match."""
+    if source.shape != target.shape:
+        raise ValueError(
+            f"{name}: checkpoint has shape {tuple(source.shape)}, this model {tuple(target.shape)}"
+        )
+    target.copy_(source)
+
+
+# ---------------------------------------------------------------------------------------- ef_sgd
+
+
+@register
+class ErrorFeedbackSGD(Algorithm):
+    """Compress the flat gradient (plus the error kept from earlier steps), average the messages."""
+
+    name = "ef_sgd"
+    summary_line = "error-feedback SGD over any compressor (algo.compressor=topk, block_sign, qsgd, ...)"
+    Params = CompressorParams
+    params: CompressorParams
+
+    def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().bind(ctx, model, optimizer)
+        self._grads = FlatGradients(parameters_of(model))
+        self.compressor = self.params.build(self._grads.numels)
+        self._wire = Wire(self.compressor, self._grads.numel)
+        self._feedback = ErrorFeedback(self.compressor) if self.params.error_feedback else None
+        shared = shares_randomness(self.compressor)
+        seed = derived_seed(ctx.seed, 1, None if shared else ctx.rank)
+        self._generator = torch.Generator(device=ctx.device).manual_seed(seed)
+        self._traffic = Traffic.for_allreduce(self._grads.numel, ctx.world_size)
+
+    def after_backward(self, step: int) -> None:
+        ctx = self.bound_ctx
+        with self._traffic.step(ctx.comm):
+            g = self._grads.gather()
+            if self._feedback is not None:
+                payload = self._feedback.compress("grad", g, generator=self._generator)
+            else:
+                payload = self.compressor.compress(g, generator=self._generator)
+            self._grads.scatter(self._average(payload))
+
+    def _average(self, payload: Payload) -> Tensor:
+        """Mean over the workers of the decompressed payloads."""
+        comm, world = self.bound_ctx.comm, self.bound_ctx.world_size
+        if self.compressor.summable:
+            for buffer in payload.buffers.values():
+                comm.all_reduce(buffer, op="sum")
+            return self.compressor.decompress(payload).div_(world)
+        send = torch.empty(self._wire.nbytes, dtype=torch.uint8, device=self._grads.buffer.device)
+        rows = comm.all_gather(self._wire.pack(payload, send))
+        total = torch.zeros_like(self._grads.buffer)
+        for row in rows:
+            total.add_(self._wire.decode(row, payload))
+        return total.div_(world)
+
+    def error(self) -> Tensor | None:
+        """This worker's error buffer (None before the first step or without error feedback)."""
+        return None if self._feedback is None else self._feedback.error("grad")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "feedback": None if self._feedback is None else self._feedback.state_dict(),
+            "generator": self._generator.get_state(),
+            "traffic": self._traffic.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._feedback is not None and state["feedback"] is not None:
+            self._feedback.load_state_dict(state["feedback"])
+        self._generator.set_state(state["generator"])
+        self._traffic.load_state_dict(state["traffic"])
+
+    def summary(self) -> dict[str, Any]:
+        return {"compressor": self.compressor.name, **self._traffic.summary()}
+
+
+@dataclass
+class QSGDParams(CompressorParams):
+    fixed_compressor: ClassVar[str | None] = "qsgd"
+    compressor: str = "qsgd"
+    error_feedback: bool = False
+
+
+@dataclass
+class TopKParams(CompressorParams):
+    fixed_compressor: ClassVar[str | None] = "topk"
+    compressor: str = "topk"
+
+
+@dataclass
+class RandomKParams(CompressorParams):
+    fixed_compressor: ClassVar[str | None] = "randomk"
+    compressor: str = "randomk"
+    ratio: float | None = bounded(0.1, gt=0, le=1, doc="fraction of coordinates sent (scaled by 1/ratio)")
+    error_feedback: bool = False
+
+
+@dataclass
+class FP16Params(CompressorParams):
+    fixed_compressor: ClassVar[str | None] = "fp16"
+    compressor: str = "fp16"
+    error_feedback: bool = False
+
+
+@register
+class QSGDAlgorithm(ErrorFeedbackSGD):
+    name = "qsgd"
+    summary_line = "ef_sgd with QSGD quantisation (int8 levels, no error feedback by default)"
+    Params = QSGDParams
+
+
+@register
+class TopKAlgorithm(ErrorFeedbackSGD):
+    name = "topk"
+    summary_line = "ef_sgd with top-k sparsification and error feedback"
+    Params = TopKParams
+
+
+@register
+class RandomKAlgorithm(ErrorFeedbackSGD):
+    name = "randomk"
+    summary_line = "ef_sgd with random-k sparsification (shared indices, all-reduced, no error feedback)"
+    Params = RandomKParams
+
+
+@register
+class FP16Algorithm(ErrorFeedbackSGD):
+    name = "fp16"
+    summary_line = "ef_sgd with float16 gradients (all-reduced)"
+    Params = FP16Params
+
+
+# ---------------------------------------------------------------------------------------- signum
+
+
+@dataclass
+class SignumParams:
+    beta: float = bounded(0.9, ge=0, lt=1, doc="signum's own momentum (torch momentum is off)")
+
+
+@register
+class Signum(Algorithm):
+    """signSGD with momentum and majority vote: 1 bit per coordinate and worker, all-gathered."""
+
+    name = "signum"
+    summary_line = "signSGD with momentum, packed signs all-gathered, majority vote (x -= lr * vote)"
+    Params = SignumParams
+    params: SignumParams
+
+    def optimizer_overrides(self, optim: OptimConfig) -> dict[str, Any]:
+        return {"momentum": 0.0, "nesterov": False}
+
+    def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().bind(ctx, model, optimizer)
+        require_no_torch_momentum(self.name, optimizer)
+        self._grads = FlatGradients(parameters_of(model))
+        self.compressor = get("sign")
+        self._wire = Wire(self.compressor, self._grads.numel)
+        self._momentum = torch.zeros_like(self._grads.buffer)
+        self._traffic = Traffic.for_allreduce(self._grads.numel, ctx.world_size)
+
+    def after_backward(self, step: int) -> None:
+        comm = self.bound_ctx.comm
+        with self._traffic.step(comm):
+            g = self._grads.gather()
+            momentum = torch.lerp(self._momentum, g, 1.0 - self.params.beta)
+            payload = self.compressor.compress(momentum)  # raises on NaN/Inf before any state changes
+            self._momentum = momentum
+            rows = comm.all_gather(payload.buffers["bits"])
+            votes = torch.zeros_like(g)
+            for row in rows:
+                votes.add_(unpack_signs(row, g.numel()))
+            self._grads.scatter(votes.sign_())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"momentum": self._momentum.clone(), "traffic": self._traffic.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_into("signum momentum", self._momentum, state["momentum"])
+        self._traffic.load_state_dict(state["traffic"])
+
+    def summary(self) -> dict[str, Any]:
+        return self._traffic.summary()
+
+
+def require_no_torch_momentum(name: str, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a torch optimizer that applies momentum on top of an algorithm that owns momentum."""
+    if any(group.get("momentum", 0.0) for group in optimizer.param_groups):
+        raise ConfigError(
+            f"{name}: keeps its own momentum; build the torch optimizer with momentum=0 "
+            "(the commsgd trainer does this through optimizer_overrides)"
+        )
+
+
+__all__ = [
+    "CompressorParams",
+    "ErrorFeedbackSGD",
+    "FlatGradients",
+    "Signum",
+    "Traffic",
+    "Wire",
+    "derived_seed",
+]

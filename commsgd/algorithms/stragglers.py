@@ -1,0 +1,136 @@
+"""Emulated compute speeds (stragglers) and deadline-based gradient computation.
+
+A worker's speed is its time per sample, drawn uniformly from a configured range either once (a
+fixed speed per worker) or at every iteration. The emulated time is spent for real (`time.sleep`), so
+wall-clock results are measured on this machine, on top of the real compute time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from commsgd.algorithms.base import NextBatch
+
+StragglerMode = Literal["off", "per_iteration", "per_worker"]
+
+
+class Stragglers:
+    """Seconds per sample ~ U[low, high]: redrawn every iteration or fixed per worker; off adds nothing."""
+
+    def __init__(self, mode: StragglerMode, low: float, high: float, seed: int) -> None:
+        self.mode, self.low, self.high = mode, low, high
+        self.generator = torch.Generator().manual_seed(seed)
+        self.fixed = self._draw() if mode == "per_worker" else 0.0
+        self.current = 0.0
+        self.slept_s = 0.0
+        self.draws = 0
+        self.drawn_sum = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def _draw(self) -> float:
+        u = float(torch.rand((), generator=self.generator, dtype=torch.float64))
+        return self.low + (self.high - self.low) * u
+
+    def begin_iteration(self) -> float:
+        """This iteration's seconds per sample (0 when off)."""
+        if self.mode == "off":
+            self.current = 0.0
+        else:
+            self.current = self._draw() if self.mode == "per_iteration" else self.fixed
+            self.draws += 1
+            self.drawn_sum += self.current
+        return self.current
+
+    def sleep(self, seconds: float) -> None:
+        """Spend emulated compute time for real."""
+        if seconds > 0:
+            time.sleep(seconds)
+            self.slept_s += seconds
+
+    def summary(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {"straggler": "off"}
+        return {
+            "straggler": self.mode,
+            "sample_time_range_s": [self.low, self.high],
+            "mean_sample_time_s": self.drawn_sum / max(self.draws, 1),
+            "straggler_sleep_s": self.slept_s,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "fixed": self.fixed,
+            "slept_s": self.slept_s,
+            "draws": self.draws,
+            "drawn_sum": self.drawn_sum,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.fixed, self.slept_s = float(state["fixed"]), float(state["slept_s"])
+        self.draws, self.drawn_sum = int(state["draws"]), float(state["drawn_sum"])
+
+
+@dataclass(frozen=True)
+class DeadlineResult:
+    """What one deadline-bounded computation produced."""
+
+    loss: float  # mean over the finished samples; the unfinished batch's loss when none finished
+    samples: int
+    batches: int
+
+
+def gradient_by_deadline(
+    params: Sequence[torch.Tensor],
+    next_batch: NextBatch,
+    deadline_s: float,
+    seconds_per_sample: float,
+    sleep: Callable[[float], None],
+    max_batches: int = 0,
+) -> DeadlineResult:
+    """Compute gradients on mini-batches until `deadline_s` seconds have passed; leave their
+    sample-weighted mean in each parameter's `.grad` (zeros when no batch finished in time).
+
+    A batch costs its real compute time plus `seconds_per_sample` per sample (slept). A batch that
+    would end after the deadline is dropped and the worker idles until the deadline, as a worker that
+    is cut off there would. `max_batches` > 0 stops early after that many finished batches.
+    """
+    deadline = time.perf_counter() + deadline_s
+    totals = [torch.zeros_like(p) for p in params]
+    samples = batches = 0
+    loss_sum, last = 0.0, math.nan
+    while max_batches == 0 or batches < max_batches:
+        batch = next_batch()
+        for p in params:
+            p.grad = None
+        value = batch.loss()
+        value.backward()
+        last = float(value.detach().item())
+        delay = seconds_per_sample * batch.size
+        left = deadline - time.perf_counter()
+        if delay > left:  # not finished by the deadline: dropped
+            sleep(max(left, 0.0))
+            break
+        sleep(delay)
+        for total, p in zip(totals, params):
+            if p.grad is not None:
+                total.add_(p.grad, alpha=float(batch.size))
+        samples += batch.size
+        batches += 1
+        loss_sum += last * batch.size
+        if time.perf_counter() >= deadline:
+            break
+    scale = 1.0 / samples if samples else 0.0
+    for total, p in zip(totals, params):
+        p.grad = total.mul_(scale)
+    return DeadlineResult(loss_sum / samples if samples else last, samples, batches)

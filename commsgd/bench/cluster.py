@@ -1,0 +1,577 @@
+"""cluster: an emulated multi-node cluster on this machine, with real shaped links between nodes.
+
+    node k    network namespace commsgd-<tag>-n<k>: lo up, veth0 = 198.18.0.<k+1>/24, no default route
+    switch    namespace commsgd-<tag>-sw: bridge br0 with one veth port n<k> per node
+    shaping   tc tbf at the chosen rate on both ends of every node's link (upload and download)
+    jobs      one torchrun per node (--nnodes N --node-rank k, c10d rendezvous on 198.18.0.1), gloo on
+              veth0 (GLOO_SOCKET_IFNAME): traffic between nodes crosses the shaped link, traffic within a
+              node goes over loopback (a node's own address is routed through lo)
+
+Addresses come from 198.18.0.0/15 (reserved for benchmarking). Nothing is added to the host's own
+namespace and the node namespaces have no route beyond their /24, so traffic only flows between the
+namespaces. Needs root and iproute2 (`apt-get install -y iproute2`); every namespace (and with it every
+link and qdisc) is deleted on exit, on error and on Ctrl-C. Without root or namespace support, use the
+in-process network model instead: `commsgd train ... network.enabled=true network.inter_gbps=1
+cluster.group_size=2`.
+
+    commsgd bench cluster                                  link test + allreduce vs lsgd at 1 and 0.1 Gbit/s
+    commsgd bench cluster --nodes 2 --procs 2 --gbps 1 --train --out runs/x --algorithm lsgd --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from commsgd.bench.common import BenchEnv, Job, available, run_subprocess, write_result
+from commsgd.errors import UserError
+from commsgd.report import Run, load_run, md_table, pct
+
+TITLE = "emulated multi-node cluster (network namespaces, veth, tc tbf, one torchrun per node)"
+
+SUBNET = ipaddress.ip_network("198.18.0.0/15")
+FIRST = ipaddress.ip_address("198.18.0.1")
+IFACE = "veth0"
+FALLBACK = (
+    "fall back to the in-process network model: commsgd train ... network.enabled=true "
+    "network.inter_gbps=1 cluster.group_size=<workers per node>"
+)
+
+
+class ClusterUnavailable(UserError):
+    """This machine cannot host the emulated cluster (not root, no iproute2, no namespaces or tbf)."""
+
+
+# --------------------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """Names, addresses and commands of one emulated cluster (pure data: nothing runs here)."""
+
+    tag: str
+    nodes: int
+    gbps: float
+    procs: int = 1
+    port: int = 29400
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes <= 250:
+            raise ValueError(f"nodes: {self.nodes} is outside 1..250")
+        if self.gbps <= 0:
+            raise ValueError(f"gbps: must be > 0, got {self.gbps}")
+
+    @property
+    def switch(self) -> str:
+        return f"commsgd-{self.tag}-sw"
+
+    def namespace(self, node: int) -> str:
+        return f"commsgd-{self.tag}-n{node}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.namespace(k) for k in range(self.nodes)] + [self.switch]
+
+    def address(self, node: int) -> str:
+        addr = FIRST + node
+        assert addr in SUBNET
+        return str(addr)
+
+    @property
+    def rate(self) -> str:
+        return f"{round(self.gbps * 1e9)}bit"
+
+    @property
+    def burst(self) -> int:
+        """Token bucket depth in bytes: 1 ms at the rate, at least 16 KiB."""
+        return max(16 * 1024, round(self.gbps * 1e9 / 8 / 1000))
+
+    def _tbf(self, namespace: str, device: str) -> list[str]:
+        return [
+            "tc",
+            "-n",
+            namespace,
+            "qdisc",
+            "add",
+            "dev",
+            device,
+            "root",
+            "tbf",
+            "rate",
+            self.rate,
+            "burst",
+            str(self.burst),
+            "latency",
+            "50ms",
+        ]
+
+    def setup_commands(self) -> list[list[str]]:
+        sw = self.switch
+        cmds = [
+            ["ip", "netns", "add", sw],
+            ["ip", "-n", sw, "link", "set", "lo", "up"],
+            ["ip", "-n", sw, "link", "add", "br0", "type", "bridge"],
+            ["ip", "-n", sw, "link", "set", "br0", "up"],
+        ]
+        for k in range(self.nodes):
+            ns, port = self.namespace(k), f"n{k}"
+            cmds += [
+                ["ip", "netns", "add", ns],
+                ["ip", "-n", ns, "link", "set", "lo", "up"],
+                ["ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name", IFACE, "netns", ns],
+                ["ip", "-n", sw, "link", "set", port, "master", "br0"],
+                ["ip", "-n", sw, "link", "set", port, "up"],
+                ["ip", "-n", ns, "addr", "add", f"{self.address(k)}/24", "dev", IFACE],
+                ["ip", "-n", ns, "link", "set", IFACE, "up"],
+                self._tbf(ns, IFACE),
+                self._tbf(sw, port),
+            ]
+        return cmds
+
+    def teardown_commands(self) -> list[list[str]]:
+        return [["ip", "netns", "del", ns] for ns in self.namespaces]
+
+    def torchrun(self, node: int, train_argv: Sequence[str]) -> list[str]:
+        """torchrun (as `python -m torch.distributed.run`) for one node; `train_argv` starts with "train"."""
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(self.nodes),
+            "--nproc-per-node",
+            str(self.procs),
+            "--node-rank",
+            str(node),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"{self.address(0)}:{self.port}",
+            "--rdzv-id",
+            f"commsgd-{self.tag}",
+            "--rdzv-conf",
+            f"is_host={int(node == 0)}",  # torch guesses the host by hostname, which all namespaces share
+            "--local-addr",
+            self.address(node),
+            "--max-restarts",
+            "0",
+            "-m",
+            "commsgd",
+            *train_argv,
+        ]
+
+    def node_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of a node's torchrun: gloo on the veth, no inherited rendezvous variables."""
+        env = dict(os.environ if base is None else base)
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        env.update(GLOO_SOCKET_IFNAME=IFACE, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        return env
+
+
+# --------------------------------------------------------------------------------------- checks
+
+
+def _sh(cmd: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def check_support() -> None:
+    """ClusterUnavailable (one line, with the fallback) unless namespaces, veth and tbf work here."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        raise ClusterUnavailable(f"the emulated cluster needs root (namespaces, tc); {FALLBACK}")
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        raise ClusterUnavailable(
+            f"{' and '.join(missing)} not found: install iproute2 (apt-get install -y iproute2); or "
+            f"{FALLBACK}"
+        )
+    probe = ClusterPlan(f"probe{os.getpid()}", 1, 1.0)
+    try:
+        for cmd in probe.setup_commands():
+            result = _sh(cmd)
+            if result.returncode != 0:
+                reason = (result.stderr.strip().splitlines() or ["failed"])[0]
+                raise ClusterUnavailable(f"`{' '.join(cmd[:6])} ...`: {reason}; {FALLBACK}")
+    finally:
+        for cmd in probe.teardown_commands():
+            _sh(cmd)
+
+
+# --------------------------------------------------------------------------------------- the cluster
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@dataclass
+class Cluster:
+    """A running emulated cluster: a context manager that always deletes its namespaces."""
+
+    plan: ClusterPlan
+    log_dir: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _handlers: dict[int, Any] = field(default_factory=dict)
+
+    def __enter__(self) -> Cluster:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._handlers[sig] = signal.signal(sig, _interrupt)
+        try:
+            for ns in self.plan.namespaces:  # leftovers of a killed run with the same tag
+                if Path("/var/run/netns", ns).exists() or Path("/run/netns", ns).exists():
+                    _sh(["ip", "netns", "del", ns])
+            for cmd in self.plan.setup_commands():
+                result = _sh(cmd)
+                if result.returncode != 0:
+                    raise ClusterUnavailable(f"`{' '.join(cmd)}` failed: {result.stderr.strip()[:200]}")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop what this cluster started, delete its namespaces, restore signal handlers."""
+        for proc in self.procs:
+            _stop(proc)
+        self.procs.clear()
+        for ns in self.plan.namespaces:
+            pids = _sh(["ip", "netns", "pids", ns]).stdout.split()
+            for pid in pids:  # processes started inside our own namespaces
+                with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for cmd in self.plan.teardown_commands():
+            _sh(cmd)
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        self._handlers.clear()
+
+    def start(self, node: int, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+        """Start `argv` inside node `node`'s namespace, in its own process group, output to `log`."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("wb") as handle:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.plan.namespace(node), *argv],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=self.plan.node_env(),
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def link_bytes(self) -> list[dict[str, int]]:
+        """tx/rx byte counters of every node's veth (what crossed the shaped links)."""
+        counters = []
+        for k in range(self.plan.nodes):
+            out = _sh(["ip", "-n", self.plan.namespace(k), "-j", "-s", "link", "show", IFACE]).stdout
+            stats = (json.loads(out or "[{}]")[0]).get("stats64", {})
+            counters.append(
+                {
+                    "tx": int(stats.get("tx", {}).get("bytes", 0)),
+                    "rx": int(stats.get("rx", {}).get("bytes", 0)),
+                }
+            )
+        return counters
+
+    def measure_link(self, seconds: float = 1.5) -> dict[str, float]:
+        """Gbit/s of one TCP stream node 1 -> node 0 (shaped), and within node 0 over loopback."""
+        script = str(Path(__file__).with_name("linktest.py"))
+        result: dict[str, float] = {}
+        pairs = [("loopback", 0, "127.0.0.1", 2 * 10**9)]
+        if self.plan.nodes > 1:
+            pairs.insert(
+                0, ("link", 1, self.plan.address(0), max(int(self.plan.gbps * 1e9 / 8 * seconds), 10**6))
+            )
+        for name, client_node, host, count in pairs:
+            server = self.start(
+                0, [sys.executable, script, "server", host, "5201"], self.log_dir / f"linktest-{name}.log"
+            )
+            client = self.start(
+                client_node,
+                [sys.executable, script, "client", host, "5201", str(count)],
+                self.log_dir / f"linktest-{name}-client.log",
+            )
+            try:
+                server.wait(timeout=120)
+                client.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                continue
+            lines = (self.log_dir / f"linktest-{name}.log").read_text(encoding="utf-8").strip().splitlines()
+            with contextlib.suppress(IndexError, ValueError, KeyError, ZeroDivisionError):
+                stats = json.loads(lines[-1])
+                result[f"{name}_gbps"] = stats["bytes"] * 8 / stats["seconds"] / 1e9
+        return result
+
+    def run_train(self, run_dir: Path, train_argv: Sequence[str], timeout_s: float) -> tuple[int, float]:
+        """One torchrun per node running `commsgd train`; (exit code, seconds). Kills all on failure."""
+        start = time.perf_counter()
+        procs = [
+            self.start(k, self.plan.torchrun(k, train_argv), run_dir.parent / f"{run_dir.name}.node{k}.log")
+            for k in range(self.plan.nodes)
+        ]
+        code, deadline = 0, time.monotonic() + timeout_s
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                code = failed[0] if failed else 124
+                break
+            time.sleep(0.2)
+        for p in procs:
+            _stop(p)
+        code = code or next((p.returncode for p in procs if p.returncode), 0)
+        return code, time.perf_counter() - start
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End a process this module started, with its process group (it was started as a session leader)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+            return
+
+
+@contextlib.contextmanager
+def cluster(plan: ClusterPlan, log_dir: Path) -> Iterator[Cluster]:
+    """Check support, build the cluster, and always tear it down."""
+    check_support()
+    with Cluster(plan, log_dir) as c:
+        yield c
+
+
+# --------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class ClusterRun:
+    """A training run on the emulated cluster, with the bytes that crossed the shaped links."""
+
+    run: Run | None
+    seconds: float
+    wire_bytes: int
+
+
+def train_on(c: Cluster, env: BenchEnv, bench: str, job: Job) -> ClusterRun:
+    run_dir = env.runs_dir(bench) / job.name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    argv = [a for a in job.argv(run_dir) if not a.startswith(("network.", "cluster.group_size"))]
+    env.log(f"{bench}: {job.name} on {c.plan.nodes} nodes x {c.plan.procs} at {c.plan.gbps} Gbit/s")
+    before = c.link_bytes()
+    code, seconds = c.run_train(run_dir, argv, timeout_s=900)
+    after = c.link_bytes()
+    wire = sum(a["tx"] - b["tx"] for a, b in zip(after, before))
+    run = None
+    if code == 0 and (run_dir / "summary.json").is_file():
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        run = load_run(run_dir, label=job.name)
+    else:
+        env.note(
+            f"{bench}: `{job.name}` on the emulated cluster failed (exit {code}); "
+            f"see {run_dir.name}.node*.log"
+        )
+    return ClusterRun(run, seconds, wire)
+
+
+def run_on_cluster(env: BenchEnv, bench: str, job: Job, nodes: int, procs: int, gbps: float) -> Run | None:
+    """One job on a fresh emulated cluster; None (with a note) if the cluster cannot run here."""
+    try:
+        with cluster(ClusterPlan(f"{os.getpid()}", nodes, gbps, procs), env.runs_dir(bench)) as c:
+            return train_on(c, env, bench, job).run
+    except ClusterUnavailable as exc:
+        env.note(f"{bench}: {job.name}: {exc}")
+        return None
+
+
+# --------------------------------------------------------------------------------------- the benchmark
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--procs", type=int, default=2, help="worker processes per node")
+    parser.add_argument("--gbps", type=float, nargs="+", help="link rates in Gbit/s (default: 1 0.1)")
+    parser.add_argument("--algorithms", nargs="+", default=["allreduce", "lsgd"])
+    parser.add_argument("--model", default="mlp", help="model (digits task); e.g. resnet20 for a heavier one")
+    parser.add_argument("--steps", type=int, help="steps per worker (default 300; quick 10)")
+    parser.add_argument(
+        "--no-model-compare",
+        action="store_true",
+        help="skip the same runs under the in-process network model",
+    )
+    parser.add_argument("--tag", default=None, help="namespace tag (default: the process id)")
+    parser.add_argument(
+        "--train",
+        nargs=argparse.REMAINDER,
+        help="run one `commsgd train` job with these arguments (give --out) instead",
+    )
+
+
+def _unavailable(env: BenchEnv, args: argparse.Namespace, exc: ClusterUnavailable) -> str:
+    body = f"Not available on this machine: {exc}"
+    write_result(
+        env, "cluster", "Emulated multi-node cluster", body, {"available": False, "reason": str(exc)}
+    )
+    if getattr(args, "in_suite", False):
+        env.note(f"cluster: {exc}")
+        return f"not available: {exc}"
+    raise exc
+
+
+def _train_only(env: BenchEnv, args: argparse.Namespace, tag: str) -> str:
+    train = list(args.train)
+    if "--out" not in train:
+        raise UserError(
+            "cluster --train: give --out RUN_DIR among the train arguments (every node writes there)"
+        )
+    run_dir = Path(train[train.index("--out") + 1])
+    plan = ClusterPlan(tag, args.nodes, (args.gbps or [1.0])[0], args.procs)
+    with cluster(plan, run_dir.parent) as c:
+        link = c.measure_link()
+        before = c.link_bytes()
+        code, seconds = c.run_train(run_dir, ["train", *train], timeout_s=24 * 3600)
+        wire = sum(a["tx"] - b["tx"] for a, b in zip(c.link_bytes(), before))
+    print(
+        f"cluster: link {link.get('link_gbps', 0):.3f} Gbit/s measured; "
+        f"job exit {code} after {seconds:.1f} s; "
+        f"{wire / 1e6:.1f} MB crossed the links; logs {run_dir.parent}/{run_dir.name}.node*.log",
+        file=sys.stderr,
+    )
+    if code != 0:
+        raise SystemExit(code)  # the namespaces are gone already; the job's own exit code
+    return f"exit {code}"
+
+
+def run(env: BenchEnv, args: argparse.Namespace) -> str:
+    tag = args.tag or str(os.getpid())
+    try:
+        if args.train:
+            return _train_only(env, args, tag)
+        check_support()
+    except ClusterUnavailable as exc:
+        return _unavailable(env, args, exc)
+    start = time.perf_counter()
+    rates = args.gbps or ([1.0] if env.quick else [1.0, 0.1])
+    steps = args.steps or (10 if env.quick else 300)
+    algos = available(env, args.algorithms, "cluster")
+    world = args.nodes * args.procs
+    base = [f"model={args.model}", f"eval_every={max(steps // 10, 1)}"]
+    rows, data = [], []
+    for gbps in rates:
+        plan = ClusterPlan(tag, args.nodes, gbps, args.procs)
+        results: dict[str, ClusterRun] = {}
+        with cluster(plan, env.runs_dir("cluster")) as c:
+            link = c.measure_link()
+            env.log(f"cluster: {gbps} Gbit/s shaped; measured {link}")
+            for algo in algos:
+                job = Job(f"{algo}-{gbps:g}gbit", algo, world, steps, base)
+                results[algo] = train_on(c, env, "cluster", job)
+        for algo in algos:
+            model_run = None
+            if not args.no_model_compare and not env.quick:
+                net = [
+                    "network.enabled=true",
+                    f"network.inter_gbps={gbps}",
+                    f"cluster.group_size={args.procs}",
+                ]
+                model_run = run_subprocess(
+                    env, "cluster", Job(f"{algo}-{gbps:g}gbit-model", algo, world, steps, base + net)
+                )
+            row, entry = _row(gbps, link, algo, results[algo], model_run, world, steps)
+            rows.append(row)
+            data.append(entry)
+    headers = [
+        "shaped rate",
+        "measured link (1 TCP stream)",
+        "algorithm",
+        "wall time",
+        "ms / step",
+        "comm share",
+        "commsgd bytes / worker-step",
+        "bytes across nodes / step (veth)",
+        "final test error",
+        "network model: wall, comm share",
+    ]
+    body = "\n".join(
+        [
+            f"{args.nodes} nodes x {args.procs} worker processes ({world} workers), {args.model} on "
+            f"digits, {steps} steps per worker, batch 32. Each node is a network namespace; its veth link "
+            "to a bridge is shaped by tc tbf on both ends; one torchrun per node with c10d rendezvous on "
+            "198.18.0.1; gloo on veth0. 'bytes across nodes' are the veth tx counters of all nodes "
+            "(TCP/IP headers, rendezvous and evaluation included) per step. The last column runs the same "
+            "job with the in-process network model at the same rate (one local launcher, "
+            "cluster.group_size = procs) for comparison.",
+            "",
+            md_table(headers, rows),
+        ]
+    )
+    write_result(
+        env, "cluster", "Emulated multi-node cluster", body, {"runs": data}, time.perf_counter() - start
+    )
+    first = data[0] if data else {}
+    return f"link {first.get('link_gbps', 0):.3f} Gbit/s at {rates[0]:g} Gbit/s shaping; {len(data)} runs"
+
+
+def _row(
+    gbps: float,
+    link: dict[str, float],
+    algo: str,
+    result: ClusterRun,
+    model_run: Run | None,
+    world: int,
+    steps: int,
+) -> tuple[list[str], dict[str, Any]]:
+    run = result.run
+    measured = f"{link.get('link_gbps', 0):.3f} Gbit/s (loopback {link.get('loopback_gbps', 0):.1f})"
+    entry: dict[str, Any] = {"gbps": gbps, "algorithm": algo, **link, "wire_bytes": result.wire_bytes}
+    if run is None:
+        return [f"{gbps:g} Gbit/s", measured, algo, "failed", "", "", "", "", "", ""], entry
+    s = run.summary
+    wall = float(s["wall_time_s"])
+    steps_done = max(int(x) for x in s["steps"]) or steps
+    share = sum(s["comm_share"]) / len(s["comm_share"])
+    per_step = sum(s["bytes_per_step"]) / len(s["bytes_per_step"])
+    model = "—"
+    if model_run is not None:
+        m = model_run.summary
+        model = f"{float(m['wall_time_s']):.1f} s, {pct(sum(m['comm_share']) / len(m['comm_share']), 1)}"
+    entry.update(
+        wall_s=wall,
+        comm_share=share,
+        bytes_per_step=per_step,
+        test_error=s["test_error"],
+        model_wall_s=model_run.summary["wall_time_s"] if model_run else None,
+    )
+    row = [
+        f"{gbps:g} Gbit/s",
+        measured,
+        algo,
+        f"{wall:.1f} s",
+        f"{1e3 * wall / steps_done:.1f}",
+        pct(share, 1),
+        f"{per_step / 1e3:.1f} KB",
+        f"{result.wire_bytes / steps_done / 1e3:.1f} KB",
+        pct(float(s["test_error"])),
+        model,
+    ]
+    return row, entry

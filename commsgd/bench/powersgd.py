@@ -1,0 +1,211 @@
+"""powersgd: commsgd's `powersgd` vs PyTorch DDP with its PowerSGD communication hook.
+
+Both train the same initial model on the same per-worker batches with the same torch SGD settings,
+the same rank, warm-up and minimum compression rate, with error feedback and warm start, alternating
+timed chunks of steps. Reported: time per step and test error after the same number of steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from commsgd.bench.common import BenchEnv, param_fields, registered, write_result
+from commsgd.report import md_table, pct
+
+TITLE = "commsgd PowerSGD vs PyTorch's PowerSGD DDP hook: time per step, accuracy after equal steps"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rank", type=int, default=2, help="approximation rank (default 2)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, help="mlp/digits steps (default 300; quick: 10)")
+
+
+def _evaluate(model: Any, dataset: Any) -> float:
+    import torch
+
+    from commsgd.tasks import loss_and_errors
+
+    model.eval()
+    errors = count = 0
+    with torch.no_grad():
+        for x, y in dataset.test_batches(256):
+            errors += int(loss_and_errors(model(x), y)[1])
+            count += y.numel()
+    model.train()
+    return errors / max(count, 1)
+
+
+def _worker(
+    model_name: str, steps: int, chunk: int, params: dict[str, Any], torch_opts: dict[str, Any]
+) -> dict:
+    """On every worker: train commsgd powersgd and DDP+powerSGD_hook side by side, timing chunks."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    import commsgd
+    from commsgd.config import OptimConfig
+    from commsgd.tasks import DatasetSpec, build_model, load_dataset, loss_and_errors
+    from commsgd.train import ShardedBatches
+
+    ctx = commsgd.init()
+    real_data = model_name == "mlp"
+    dataset = load_dataset("digits", None, model=model_name, seed=0) if real_data else None
+    spec = dataset.spec if dataset is not None else DatasetSpec("cifar-shaped", "image", (3, 32, 32), 10)
+    torch.manual_seed(0)
+    model = build_model(model_name, spec)
+    reference = copy.deepcopy(model)
+    algo = commsgd.build_algorithm("powersgd", params)
+    optim = OptimConfig()
+    settings: dict[str, Any] = {
+        "lr": optim.lr,
+        "momentum": optim.momentum,
+        "weight_decay": optim.weight_decay,
+    }
+    opt = commsgd.CommOptimizer(
+        torch.optim.SGD(model.parameters(), **{**settings, **algo.optimizer_overrides(optim)}),
+        algo,
+        model,
+        ctx,
+    )
+    ddp = DistributedDataParallel(reference, bucket_cap_mb=25)
+    state = hook.PowerSGDState(process_group=None, **torch_opts)
+    ddp.register_comm_hook(state, hook.powerSGD_hook)
+    ddp_opt = torch.optim.SGD(ddp.parameters(), **settings)
+
+    if dataset is not None:
+        batches = ShardedBatches(len(dataset.train_y), 32, ctx.rank, ctx.world_size, seed=0)
+        gen = torch.Generator().manual_seed(ctx.rank)
+
+        def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            epoch, index = divmod(i, batches.per_epoch)
+            return dataset.train_batch(batches.batch(epoch, index), gen)
+    else:
+        gen = torch.Generator().manual_seed(ctx.rank)
+        fixed = (torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+
+        def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return fixed
+
+    def commsgd_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.step(lambda: loss_and_errors(model(x), y)[0])
+
+    def ddp_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        ddp_opt.zero_grad(set_to_none=False)
+        loss_and_errors(ddp(x), y)[0].backward()
+        ddp_opt.step()
+
+    spent = {"commsgd": 0.0, "torch": 0.0}
+    for first in range(0, steps, chunk):
+        data = [batch(i) for i in range(first, min(first + chunk, steps))]
+        order = [("commsgd", commsgd_step), ("torch", ddp_step)]
+        for name, fn in order if (first // chunk) % 2 == 0 else reversed(order):
+            dist.barrier()  # raw torch.distributed: outside the timed region, for both methods alike
+            start = time.perf_counter()
+            for x, y in data:
+                fn(x, y)
+            spent[name] += time.perf_counter() - start
+    result: dict[str, Any] = {
+        "model": model_name,
+        "steps": steps,
+        "commsgd_s": spent["commsgd"] / steps,
+        "torch_s": spent["torch"] / steps,
+        "commsgd_bytes_per_step": ctx.comm.meter.totals().bytes_sent / steps,
+    }
+    if dataset is not None and ctx.rank == 0:
+        with opt.evaluated_parameters():
+            result["commsgd_error"] = _evaluate(model, dataset)
+        result["torch_error"] = _evaluate(reference, dataset)
+    return result
+
+
+def run(env: BenchEnv, args: argparse.Namespace) -> str:
+    from commsgd.testing import run_distributed
+
+    start = time.perf_counter()
+    if "powersgd" not in registered():
+        body = "Not available yet: the `powersgd` algorithm is not registered in this checkout."
+        env.note("powersgd: algorithm not registered yet; skipped")
+        write_result(env, "powersgd", "PowerSGD: commsgd vs PyTorch hook", body, {"available": False})
+        return "not available yet (powersgd not registered)"
+    defaults = param_fields("powersgd")
+    params: dict[str, Any] = {}
+    if "rank" in defaults:
+        params["rank"] = args.rank
+    if "warmup_steps" in defaults:
+        params["warmup_steps"] = 2
+    if "min_compression_rate" in defaults:
+        params["min_compression_rate"] = 2.0
+    torch_opts = {
+        "matrix_approximation_rank": args.rank,
+        "start_powerSGD_iter": 2,
+        "min_compression_rate": 2,
+        "use_error_feedback": True,
+        "warm_start": True,
+        "random_seed": 0,
+    }
+    plan = [("mlp", args.steps or (10 if env.quick else 300), 5 if env.quick else 25)]
+    if not env.quick:
+        plan.append(("resnet20", 12, 3))
+    results = []
+    for model_name, steps, chunk in plan:
+        env.log(f"powersgd: {model_name}: {steps} steps each on {args.workers} workers")
+        per_rank = run_distributed(
+            _worker, args.workers, model_name, steps, chunk, params, torch_opts, timeout=900
+        )
+        merged = dict(per_rank[0])
+        merged["commsgd_s"] = max(r["commsgd_s"] for r in per_rank)
+        merged["torch_s"] = max(r["torch_s"] for r in per_rank)
+        results.append(merged)
+    rows = [
+        [
+            f"{r['model']} ({'digits' if r['model'] == 'mlp' else 'random CIFAR-shaped data: time only'})",
+            r["steps"],
+            f"{1e3 * r['commsgd_s']:.2f} ms",
+            f"{1e3 * r['torch_s']:.2f} ms",
+            f"{r['commsgd_s'] / r['torch_s']:.3f}",
+            pct(r.get("commsgd_error")),
+            pct(r.get("torch_error")),
+            f"{r['commsgd_bytes_per_step'] / 1e3:.1f} KB",
+        ]
+        for r in results
+    ]
+    headers = [
+        "model",
+        "steps",
+        "commsgd powersgd / step",
+        "torch DDP + powerSGD_hook / step",
+        "time ratio",
+        "commsgd test error",
+        "torch test error",
+        "commsgd bytes / worker-step",
+    ]
+    body = "\n".join(
+        [
+            f"{args.workers} workers, gloo, batch 32 per worker, rank {args.rank}, 2 warm-up all-reduce "
+            "steps, minimum compression rate 2, error feedback and warm start on both; torch SGD lr 0.05, "
+            "momentum 0.9, weight decay 1e-4 on both. commsgd params: "
+            + ", ".join(f"{k}={v}" for k, v in params.items()),
+            "",
+            md_table(headers, rows),
+        ]
+    )
+    write_result(
+        env,
+        "powersgd",
+        "PowerSGD: commsgd vs PyTorch hook",
+        body,
+        {"results": results},
+        time.perf_counter() - start,
+    )
+    r = results[0]
+    return (
+        f"{r['model']}: {1e3 * r['commsgd_s']:.2f} vs {1e3 * r['torch_s']:.2f} ms/step, error "
+        f"{pct(r.get('commsgd_error'))} vs {pct(r.get('torch_error'))}"
+    )

@@ -1,0 +1,65 @@
+"""The deterministic problems of the LSGD paper, as tiny torch models with exact (full-batch) losses.
+
+- toy2d (supplement sec. 6): L(x, y) = sin(pi r) / (pi r), r = sqrt(x^2 + y^2), L = 1 at r = 0. Rings of
+  local minima around the origin; the global minimum -0.2172 lies on the ring r = 1.43.
+- matrix completion (sec. 2.1 and 8): F(X) = 1/4 ||M - X X^T||_F^2 with M = U U^T, U and the starting
+  points drawn from N(0, 1). All local minimizers are global, but they differ by rotations, so the
+  average of several good solutions is a poor one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+#: the four starting points of the supplement's Table 1
+PAPER_POINTS: tuple[tuple[float, float], ...] = ((-6.0, -4.0), (-15.0, -18.0), (20.0, 11.0), (17.0, 8.0))
+
+
+class Point(torch.nn.Module):
+    """A model that is just one parameter tensor (a point of the problem's domain)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.x = torch.nn.Parameter(value.detach().clone())
+
+
+def toy2d_loss(xy: torch.Tensor) -> torch.Tensor:
+    """sin(pi r) / (pi r) for the last dimension of size 2 (1 at the origin, gradient 0 there)."""
+    r = torch.sqrt(torch.clamp((xy * xy).sum(-1), min=1e-30))
+    return torch.special.sinc(r)
+
+
+def matrix_instance(dim: int, rank: int, seed: int, trial: int) -> torch.Tensor:
+    """M = U U^T with U (dim x rank) from N(0, 1); the same on every worker for a (seed, trial)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + trial)
+    u = torch.randn(dim, rank, generator=g, dtype=torch.float64)
+    return u @ u.T
+
+
+def matrix_start(dim: int, rank: int, seed: int, trial: int, worker: int) -> torch.Tensor:
+    """Worker `worker`'s starting point X_0 from N(0, 1) (the same for every method)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + trial) * 1009 + worker + 1)
+    return torch.randn(dim, rank, generator=g, dtype=torch.float64)
+
+
+def matrix_objective(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """F(X) = 1/4 ||M - X X^T||_F^2 (its gradient is (X X^T - M) X)."""
+    residual = m - x @ x.T
+    return 0.25 * (residual * residual).sum()
+
+
+def parse_points(text: str) -> list[tuple[float, float]]:
+    """'x,y;x,y;...' -> [(x, y), ...]; ValueError with the offending part."""
+    points = []
+    for part in text.split(";"):
+        coords = part.split(",")
+        if len(coords) != 2:
+            raise ValueError(f"{part.strip()!r} is not 'x,y'")
+        points.append((float(coords[0]), float(coords[1])))
+    return points
+
+
+def format_points(points: Sequence[tuple[float, float]]) -> str:
+    return ";".join(f"{x:g},{y:g}" for x, y in points)

@@ -1,0 +1,366 @@
+"""`commsgd reproduce toy2d | matrix-completion`: LGD against EAGD on the LSGD paper's deterministic problems.
+
+LGD and EAGD are the `lsgd` and `easgd` algorithms themselves, with exact gradients: every worker is a
+real process (gloo) whose model is one parameter tensor, stepped by `CommOptimizer` with plain SGD.
+LGD selects its leader by the current objective (window 1); its center is the workers' average.
+
+- toy2d reproduces the supplement's Table 1 (best L: LGD -0.2172, EAGD -0.0912) and Figure 7.
+- matrix-completion reproduces Figure 1: the best objective over the workers at each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from commsgd.errors import ConfigError
+
+PROBLEMS = ("toy2d", "matrix-completion")
+METHODS = ("lgd", "eagd")
+#: the supplement's Table 1: L(x, y) reached by each method from the four default points
+PAPER_TABLE1 = {"lgd": -0.2172, "eagd": -0.0912}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "toy2d": {"lr": 0.1, "pull": 0.1, "beta": 0.43, "steps": 20000, "period": 1},
+    "matrix-completion": {
+        "lr": 5e-4,
+        "pull": 1e-4,
+        "steps": 200,
+        "period": 1,
+        "dim": 1000,
+        "rank": 10,
+        "workers": 8,
+        "trials": 10,
+        "seed": 0,
+    },
+}
+ONLY_FOR = {
+    "points": "toy2d",
+    "beta": "toy2d",
+    "dim": "matrix-completion",
+    "rank": "matrix-completion",
+    "workers": "matrix-completion",
+    "trials": "matrix-completion",
+    "seed": "matrix-completion",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.add_argument("problem", choices=PROBLEMS)
+    parser.add_argument("--points", help='toy2d: starting points "x,y;x,y;..." (one worker each)')
+    parser.add_argument("--lr", type=float, help="learning rate (toy2d 0.1, matrix-completion 5e-4)")
+    parser.add_argument(
+        "--pull",
+        type=float,
+        help="LGD's lambda (toy2d 0.1); matrix-completion: the effective pull eta*lambda = 1e-4, "
+        "also EAGD's alpha",
+    )
+    parser.add_argument("--beta", type=float, help="toy2d: EAGD's beta, alpha = beta / workers (0.43)")
+    parser.add_argument("--steps", type=int, help="steps per worker (toy2d 20000, matrix-completion 200)")
+    parser.add_argument("--period", type=int, help="communication period tau (1)")
+    parser.add_argument("--dim", type=int, help="matrix-completion: d (1000)")
+    parser.add_argument("--rank", type=int, help="matrix-completion: r, the paper uses 1, 10, 50, 100 (10)")
+    parser.add_argument("--workers", type=int, help="matrix-completion: workers (8)")
+    parser.add_argument("--trials", type=int, help="matrix-completion: random instances (10)")
+    parser.add_argument("--seed", type=int, help="matrix-completion: seed of the instances (0)")
+    parser.add_argument("--out", help="directory for the plot and results.json (runs/reproduce-PROBLEM)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def _positive(name: str, value: float, *, below: float | None = None, upto: float | None = None) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"reproduce --{name}: must be > 0, got {value!r}")
+    if below is not None and value >= below:
+        raise ConfigError(f"reproduce --{name}: must be < {below}, got {value!r}")
+    if upto is not None and value > upto:
+        raise ConfigError(f"reproduce --{name}: must be <= {upto}, got {value!r}")
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The problem's settings: its defaults overridden by the flags given, all checked."""
+    from commsgd.problems import PAPER_POINTS, parse_points
+
+    for flag, problem in ONLY_FOR.items():
+        if getattr(args, flag, None) is not None and args.problem != problem:
+            raise ConfigError(f"reproduce --{flag}: only for {problem}")
+    s = dict(DEFAULTS[args.problem])
+    s.update({k: getattr(args, k) for k in s if getattr(args, k, None) is not None})
+    _positive("lr", s["lr"])
+    _positive("pull", s["pull"], below=1)
+    for name in ("steps", "period", "dim", "rank", "workers", "trials"):
+        if name in s and s[name] < 1:
+            raise ConfigError(f"reproduce --{name}: must be >= 1, got {s[name]}")
+    if args.problem == "toy2d":
+        _positive("beta", s["beta"], upto=1)
+        try:
+            points = parse_points(args.points) if args.points else list(PAPER_POINTS)
+        except ValueError as exc:
+            raise ConfigError(f'reproduce --points: expected "x,y;x,y;...": {exc}') from None
+        if not all(math.isfinite(c) for p in points for c in p) or len(points) > 16:
+            raise ConfigError("reproduce --points: 1 to 16 points with finite coordinates")
+        s["points"] = points
+    else:
+        if s["seed"] < 0:
+            raise ConfigError(f"reproduce --seed: must be >= 0, got {s['seed']}")
+        if s["rank"] > s["dim"]:
+            raise ConfigError(f"reproduce --rank: must be <= --dim ({s['dim']}), got {s['rank']}")
+        if s["workers"] > 64:
+            raise ConfigError(f"reproduce --workers: at most 64 local processes, got {s['workers']}")
+        if s["pull"] * s["workers"] > 1:  # EAGD's beta = workers * alpha must stay <= 1
+            raise ConfigError("reproduce --pull: EAGD needs pull * workers <= 1")
+    return s
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+def _algorithm(method: str, pull: float, beta: float, period: int) -> Any:
+    """LGD = lsgd with the exact objective as leader score; EAGD = easgd."""
+    from commsgd.algorithms import build_algorithm
+
+    if method == "lgd":
+        return build_algorithm("lsgd", pull=pull, tau=period, window=1, leaders="single")
+    return build_algorithm("easgd", beta=beta, tau=period)
+
+
+class Trace:
+    """What a worker keeps of one run: the objective (and the point) at each of the first `dense` steps,
+    then every `every` steps, and at the end (log-scale plots need the early steps)."""
+
+    def __init__(self, last: int, points: bool, dense: int = 1000, every: int = 1) -> None:
+        self.last, self.keep_points, self.dense, self.every = last, points, dense, every
+        self.step = 0
+        self.values: list[tuple[int, float]] = []
+        self.points: list[list[float]] = []
+
+    def __call__(self, x: torch.Tensor, value: float) -> None:
+        """The point before step `self.step + 1` (or the final one) and its objective."""
+        if self.step <= self.dense or self.step % self.every == 0 or self.step == self.last:
+            self.values.append((self.step, value))
+            if self.keep_points:
+                self.points.append(x.detach().tolist())
+        self.step += 1
+
+
+def _descend(
+    ctx: Any,
+    method: str,
+    start: torch.Tensor,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    s: dict[str, Any],
+    beta: float,
+    record: Trace,
+) -> dict[str, Any]:
+    """Run one method from `start` with exact gradients, recording each point and its objective."""
+    from commsgd.api import CommOptimizer
+    from commsgd.problems import Point
+
+    model = Point(start)
+    algo = _algorithm(method, s["pull"], beta, s["period"])
+    sgd = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=0.0)
+    opt = CommOptimizer(sgd, algo, model, ctx)
+
+    def closure() -> torch.Tensor:
+        value = objective(model.x)
+        record(model.x, float(value.detach()))
+        return value
+
+    for step in range(1, s["steps"] + 1):
+        opt.step(closure, step=step)
+    final = model.x.detach().clone()
+    record(final, float(objective(final)))
+    with torch.no_grad(), algo.evaluated_parameters():
+        center = model.x.detach().clone()
+    return {"final": float(objective(final)), "center": float(objective(center)), "center_x": center.tolist()}
+
+
+def _toy2d_worker(s: dict[str, Any]) -> dict[str, Any]:
+    import commsgd
+    from commsgd.problems import toy2d_loss
+
+    ctx = commsgd.init()
+    out: dict[str, Any] = {}
+    start = torch.tensor(s["points"][ctx.rank], dtype=torch.float64)
+    for method in METHODS:
+        trace = Trace(s["steps"], points=True, every=max(1, s["steps"] // 500))
+        result = _descend(ctx, method, start, toy2d_loss, s, s["beta"], trace)
+        out[method] = {**result, "path": trace.points, "losses": trace.values}
+    return out
+
+
+def _matrix_worker(s: dict[str, Any]) -> dict[str, list[list[float]]]:
+    import commsgd
+    from commsgd.problems import matrix_instance, matrix_objective, matrix_start
+
+    ctx = commsgd.init()
+    curves: dict[str, list[list[float]]] = {m: [] for m in METHODS}
+    for trial in range(s["trials"]):
+        m = matrix_instance(s["dim"], s["rank"], s["seed"], trial)
+        start = matrix_start(s["dim"], s["rank"], s["seed"], trial, ctx.rank)
+
+        def objective(x: torch.Tensor, m: torch.Tensor = m) -> torch.Tensor:
+            return matrix_objective(x, m)
+
+        for method in METHODS:
+            trace = Trace(s["steps"], points=False)
+            # EAGD: alpha = the effective pull of sec. 8, so beta = workers * pull
+            _descend(ctx, method, start, objective, s, s["pull"] * ctx.world_size, trace)
+            curves[method].append([value for _, value in trace.values])
+    return curves
+
+
+# ------------------------------------------------------------------------------------------ problems
+
+
+def toy2d(s: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Both methods from `s['points']` (one process per point); (JSON summary, per-worker traces)."""
+    from commsgd.testing import run_distributed
+
+    workers = run_distributed(_toy2d_worker, len(s["points"]), s, timeout=math.inf)
+    summary = {
+        method: {"best": min(w[method]["final"] for w in workers), "center": workers[0][method]["center"]}
+        for method in METHODS
+    }
+    return summary, workers
+
+
+def matrix_completion(s: dict[str, Any]) -> dict[str, Any]:
+    """Both methods on `s['trials']` random instances; per method and trial the best objective per step."""
+    from commsgd.testing import run_distributed
+
+    workers = run_distributed(_matrix_worker, s["workers"], s, timeout=math.inf)
+    summary: dict[str, Any] = {}
+    for method in METHODS:
+        curves = [
+            [min(values) for values in zip(*(w[method][trial] for w in workers))]
+            for trial in range(s["trials"])
+        ]
+        summary[method] = {"curve": curves, "final": [c[-1] for c in curves]}
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def toy2d_table(summary: dict[str, Any], s: dict[str, Any]) -> str:
+    lines = [
+        f"toy2d: {len(s['points'])} workers, {s['steps']} steps, lr {s['lr']:g}, pull {s['pull']:g}, "
+        f"beta {s['beta']:g}, period {s['period']}",
+        f"{'method':<7} {'best L':>9} {'center L':>9} {'paper (Table 1)':>16}",
+    ]
+    for method in METHODS:
+        r = summary[method]
+        lines.append(
+            f"{method.upper():<7} {r['best']:>9.4f} {r['center']:>9.4f} {PAPER_TABLE1[method]:>16.4f}"
+        )
+    return "\n".join(lines)
+
+
+def matrix_table(summary: dict[str, Any], s: dict[str, Any]) -> str:
+    lines = [
+        f"matrix completion: d {s['dim']}, rank {s['rank']}, {s['workers']} workers, {s['steps']} steps, "
+        f"lr {s['lr']:g}, pull {s['pull']:g}, {s['trials']} trials",
+        f"{'method':<7} {'median best F':>14} {'min':>11} {'max':>11}",
+    ]
+    for method in METHODS:
+        final = summary[method]["final"]
+        lines.append(f"{method.upper():<7} {_median(final):>14.4g} {min(final):>11.4g} {max(final):>11.4g}")
+    return "\n".join(lines)
+
+
+def plot_toy2d(workers: list[dict[str, Any]], path: Path) -> None:
+    """Trajectories over the landscape (top) and each worker's L per step (bottom), as Figure 7."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from commsgd.problems import toy2d_loss
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9))
+    reach = max(abs(c) for w in workers for m in METHODS for p in w[m]["path"] for c in p) * 1.1
+    grid = torch.linspace(-reach, reach, 300, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="xy")
+    landscape = toy2d_loss(torch.stack([xx, yy], -1))
+    for col, method in enumerate(METHODS):
+        top, bottom = axes[0][col], axes[1][col]
+        top.contourf(xx.numpy(), yy.numpy(), landscape.numpy(), levels=40, cmap="viridis")
+        for rank, w in enumerate(workers):
+            xs, ys = zip(*w[method]["path"])
+            top.plot(xs, ys, lw=1.2, label=f"worker {rank}")
+            top.plot(xs[0], ys[0], "o", color="red")
+            top.plot(xs[-1], ys[-1], "o", color="blue")
+            steps, values = zip(*w[method]["losses"])
+            bottom.plot([max(t, 1) for t in steps], values, label=f"worker {rank}")
+        cx, cy = workers[0][method]["center_x"]
+        top.plot(cx, cy, "*", color="white", markersize=12, label="center")
+        top.set_title(f"{method.upper()}: trajectories (red start, blue end)")
+        top.set_aspect("equal")
+        top.legend(fontsize=7, loc="upper left")
+        bottom.set_xscale("log")
+        bottom.set_xlabel("step")
+        bottom.set_ylabel("L(x, y)")
+        bottom.set_title(f"{method.upper()}: objective of each worker")
+        bottom.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_matrix(summary: dict[str, Any], s: dict[str, Any], path: Path) -> None:
+    """Best objective over the workers per step, every trial, both methods (log scale), as Figure 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method, color in zip(METHODS, ("tab:red", "tab:blue")):
+        for i, curve in enumerate(summary[method]["curve"]):
+            label = method.upper() if i == 0 else None
+            ax.plot([max(v, 1e-300) for v in curve], color=color, lw=0.8, alpha=0.7, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("best objective over workers")
+    ax.set_title(f"matrix completion, d = {s['dim']}, r = {s['rank']}, {s['workers']} workers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = settings(args)
+    out = Path(args.out or f"runs/reproduce-{args.problem}")
+    out.mkdir(parents=True, exist_ok=True)
+    plot = out / f"{args.problem}.png"
+    if args.problem == "toy2d":
+        summary, workers = toy2d(s)
+        plot_toy2d(workers, plot)
+        table = toy2d_table(summary, s)
+    else:
+        summary = matrix_completion(s)
+        plot_matrix(summary, s, plot)
+        table = matrix_table(summary, s)
+    (out / "results.json").write_text(json.dumps({"settings": s, **summary}) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(f"{table}\nplot: {plot}", flush=True)
+    return 0

@@ -1,0 +1,163 @@
+"""`commsgd bench`: the emulated cluster's plan and checks, result files, and the --quick suite end to end.
+
+Nothing here asserts a timing: only that results are produced and well formed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+
+from commsgd.bench import cluster as cl
+from commsgd.bench import compressors, powersgd, traffic
+from commsgd.bench.common import BenchEnv, available, write_result
+from commsgd.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BENCH_SUBNET = ipaddress.ip_network("198.18.0.0/15")
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table in `text` as rows of cells."""
+    tables, current = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def assert_well_formed(md: Path) -> None:
+    text = md.read_text()
+    assert text.startswith("# ") and "- machine:" in text and "- command: `commsgd bench" in text
+    for table in markdown_tables(text):
+        assert len(table) >= 2 and set("".join(table[1])) <= set("-: "), f"{md}: bad table header"
+        assert all(len(row) == len(table[0]) for row in table), f"{md}: ragged table"
+
+
+# --------------------------------------------------------------------------------------- cluster plan
+
+
+def test_cluster_plan_uses_only_benchmarking_addresses_and_namespaces() -> None:
+    plan = cl.ClusterPlan("t1", nodes=3, gbps=0.1, procs=2)
+    assert [plan.address(k) for k in range(3)] == ["198.18.0.1", "198.18.0.2", "198.18.0.3"]
+    assert all(ipaddress.ip_address(plan.address(k)) in BENCH_SUBNET for k in range(3))
+    cmds = plan.setup_commands()
+    for cmd in cmds:
+        if cmd[:2] == ["ip", "netns"]:
+            assert cmd[3].startswith("commsgd-t1-")
+        else:  # every link, address and qdisc command runs inside one of our namespaces
+            assert cmd[1] == "-n" and cmd[2] in plan.namespaces, cmd
+    addrs = [c[c.index("add") + 1] for c in cmds if "addr" in c]
+    assert all(ipaddress.ip_interface(a).network.subnet_of(BENCH_SUBNET) for a in addrs)
+    shaped = [c for c in cmds if c[0] == "tc"]
+    assert len(shaped) == 2 * 3 and all("tbf" in c and "100000000bit" in c for c in shaped)
+    assert not any("netem" in c or "route" in c for c in cmds)
+    assert plan.teardown_commands() == [["ip", "netns", "del", ns] for ns in plan.namespaces]
+
+
+def test_cluster_torchrun_command_and_environment() -> None:
+    plan = cl.ClusterPlan("t2", nodes=2, gbps=1.0, procs=2, port=29555)
+    argv = plan.torchrun(1, ["train", "--out", "/tmp/x"])
+    joined = " ".join(argv)
+    for part in (
+        "--nnodes 2",
+        "--nproc-per-node 2",
+        "--node-rank 1",
+        "--rdzv-backend c10d",
+        "--rdzv-endpoint 198.18.0.1:29555",
+        "--local-addr 198.18.0.2",
+        "is_host=0",
+        "-m commsgd train --out /tmp/x",
+    ):
+        assert part in joined
+    assert "is_host=1" in " ".join(plan.torchrun(0, ["train"]))
+    env = plan.node_env({"RANK": "3", "MASTER_ADDR": "10.0.0.1", "PATH": "/bin"})
+    assert env["GLOO_SOCKET_IFNAME"] == "veth0" and env["PATH"] == "/bin"
+    assert "RANK" not in env and "MASTER_ADDR" not in env
+
+
+def test_cluster_plan_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError):
+        cl.ClusterPlan("t", nodes=0, gbps=1.0)
+    with pytest.raises(ValueError):
+        cl.ClusterPlan("t", nodes=2, gbps=0.0)
+
+
+def test_cluster_without_root_says_so_and_points_to_the_network_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cl.os, "geteuid", lambda: 1000)
+    with pytest.raises(cl.ClusterUnavailable, match=r"network\.enabled=true network\.inter_gbps=1"):
+        cl.check_support()
+    assert main(["bench", "cluster", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "needs root" in err
+    assert "Not available" in (tmp_path / "cluster.md").read_text()
+    assert json.loads((tmp_path / "cluster.json").read_text())["available"] is False
+
+
+# --------------------------------------------------------------------------------------- entries
+
+
+def test_write_result_and_notes(tmp_path: Path) -> None:
+    env = BenchEnv(tmp_path, command="commsgd bench x")
+    assert available(env, ["allreduce", "no-such-algorithm"], "x") == ["allreduce"]
+    path = write_result(env, "x", "Title", "| a | b |\n|---|---|\n| 1 | 2 |", {"value": 1}, 3.0)
+    assert_well_formed(path)
+    assert "no-such-algorithm" in path.read_text()
+    data = json.loads((tmp_path / "x.json").read_text())
+    assert data["value"] == 1 and data["notes"]
+
+
+def test_powersgd_entry_when_not_registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(powersgd, "registered", lambda: ["allreduce", "sgd"])
+    env = BenchEnv(tmp_path, command="commsgd bench powersgd")
+    args = argparse.Namespace(rank=2, workers=2, steps=None)
+    assert "not available" in powersgd.run(env, args)
+    assert "Not available yet" in (tmp_path / "powersgd.md").read_text()
+
+
+def test_bytes_variants_follow_the_compressor_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(traffic, "param_fields", lambda a: {"compressor": "topk", "ratio": None})
+    monkeypatch.setattr(traffic, "accepts", lambda a, p: p["compressor"] in ("topk", "sign"))
+    names = [label for label, _ in traffic.variants("x")]
+    assert names == ["topk", "sign"]
+    monkeypatch.setattr(traffic, "param_fields", lambda a: {"tau": 4})
+    assert traffic.variants("x") == [("", {})]
+
+
+def test_compressor_table_parser() -> None:
+    rows = compressors._parse(
+        "text\n\n| compressor | GB/s |\n| --- | --- |\n| sign | 1.50 |\n| topk | 0.40 |\n"
+    )
+    assert rows == [{"compressor": "sign", "GB/s": "1.50"}, {"compressor": "topk", "GB/s": "0.40"}]
+
+
+# --------------------------------------------------------------------------------------- the suite
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_quick_suite_produces_reports_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    assert main(["bench", "all", "--quick", "--skip", "cluster", "--out", str(out)]) == 0
+    index = (out / "index.md").read_text()
+    names = ["overhead", "bytes", "compressors", "powersgd", "paper", "scaling", "stragglers"]
+    for name in names:
+        assert f"[{name}]({name}.md)" in index
+        assert_well_formed(out / f"{name}.md")
+        json.loads((out / f"{name}.json").read_text())
+    for png in ("bytes.png", "scaling.png", "paper/error_vs_time.png", "paper/train_loss.png"):
+        assert (out / png).read_bytes().startswith(PNG_MAGIC), png
+    bytes_rows = markdown_tables((out / "bytes.md").read_text())[0]
+    assert any(row[0] == "allreduce" and row[5] == "1.0000" for row in bytes_rows)
+    assert (out / "paper" / "report.md").is_file()
+    assert not list((out / "runs").glob("*/*/checkpoints"))  # checkpoints are removed after reading
