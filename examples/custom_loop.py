@@ -8,6 +8,7 @@ Any registered algorithm works (`commsgd list`), e.g. --algorithm lsgd, easgd, p
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,9 @@ def main() -> None:
     with optimizer.evaluated_parameters():  # commsgd: evaluate the center variable
         error = (model(test_x).argmax(1) != test_y).float().mean().item()
     sent = ctx.comm.meter.totals().bytes_sent
-    print(f"rank {ctx.rank}: {args.algorithm} test error {100 * error:.1f} %, sent {sent / 1e6:.2f} MB", flush=True)
+    line = f"rank {ctx.rank}: {args.algorithm} test error {100 * error:.1f} %, sent {sent / 1e6:.2f} MB\n"
+    sys.stdout.write(line)  # one write per line, so the two ranks' lines do not interleave
+    sys.stdout.flush()
     ctx.close()
 
 
