@@ -88,8 +88,9 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         {"target": target, "series": data},
         time.perf_counter() - start,
     )
-    tops = [f"{a} {max(p[1] for p in pts):.0f}" for a, pts in series.items() if pts]
-    return "peak samples/s: " + ", ".join(tops) if tops else "no run finished"
+    widest = max(counts)
+    tops = [f"{a} {p[1]:.0f}" for a, pts in series.items() for p in pts if p[0] == widest]
+    return f"samples/s at {widest} workers: " + ", ".join(tops) if tops else "no run finished"
 
 
 def _plot(env: BenchEnv, series: dict[str, list[tuple[int, float, float | None]]], target: float) -> None:
