@@ -5,7 +5,7 @@ all on torch.distributed. See the README for the command line and `commsgd.api` 
 """
 
 from commsgd.algorithms import algorithm_names, build_algorithm
-from commsgd.api import CommOptimizer, MiniBatch, init
+from commsgd.api import CommOptimizer, MiniBatch, NonFiniteError, init
 from commsgd.config import Config, load_config
 from commsgd.context import WorkerContext
 from commsgd.errors import CheckpointError, ConfigError, DataError, UserError
@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "MiniBatch",
+    "NonFiniteError",
     "UserError",
     "WorkerContext",
     "__version__",

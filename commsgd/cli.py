@@ -24,11 +24,20 @@ EXTRA_COMMANDS = {
 }
 
 
+def printable(text: str) -> str:
+    """`text` with every non-printable character escaped as repr does (``\\r``, ``\\x1b``, ``\\u2028``).
+
+    Error lines quote what the user typed: a raw newline or carriage return would split the one-line
+    message, and an escape sequence would drive the terminal.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit code 2 like every other bad input."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {printable(message)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -90,43 +99,77 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """The named flags of `train`, as key=value overrides (explicit key=value arguments win)."""
-    mapping = {
-        "algorithm": "algorithm",
-        "workers": "workers",
-        "steps": "steps",
-        "epochs": "epochs",
-        "model": "model",
-        "dataset": "data.dataset",
-        "data_dir": "data.data_dir",
-        "out": "out",
-        "seed": "seed",
-        "max_restarts": "cluster.max_restarts",
-    }
-    result = []
-    for attr, key in mapping.items():
-        value = getattr(args, attr)
-        if value is not None:
-            result.append(f"{key}={value!s}" if not isinstance(value, str) else f"{key}={_quote(value)}")
-    return result + list(args.overrides)
+#: the named flags of `train` (argparse attribute -> config key)
+FLAG_KEYS = {
+    "algorithm": "algorithm",
+    "workers": "workers",
+    "steps": "steps",
+    "epochs": "epochs",
+    "model": "model",
+    "dataset": "data.dataset",
+    "data_dir": "data.data_dir",
+    "out": "out",
+    "seed": "seed",
+    "max_restarts": "cluster.max_restarts",
+}
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The named flags of `train` that were given, as config key -> value.
+
+    Values are taken as typed, not re-read as YAML: YAML would fold a newline in a path into a space
+    and cannot carry NUL, so a bad path would be changed or quoted back wrongly instead of refused.
+    """
+    return {key: getattr(args, attr) for attr, key in FLAG_KEYS.items() if getattr(args, attr) is not None}
+
+
+def requested_config(base: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`base` with the named flags and then the key=value overrides applied (so key=value wins).
+
+    Plain data, not validated yet: `load_config` does that.
+    """
+    from commsgd.config import apply_override, parse_override, plain_tree
+
+    data: dict[str, Any] = plain_tree(dict(base), "config")
+    for key, value in flag_values(args).items():
+        apply_override(data, key.split("."), value)
+    for text in args.overrides:
+        apply_override(data, *parse_override(text))
+    return data
+
+
+def check_resume_matches(run_dir: Path, saved: dict[str, Any], requested: dict[str, Any]) -> None:
+    """A resumed run keeps its algorithm and worker count: say so before anything is validated.
+
+    Checked ahead of `load_config`, which would otherwise judge the saved `algo` parameters against
+    the new algorithm and name one of them instead of the change that cannot work.
+    """
+    from commsgd.config import shown
+
+    old, new = saved.get("algorithm"), requested.get("algorithm")
+    if isinstance(new, str) and new != old:
+        raise CheckpointError(
+            f"--resume: the run in {shown(run_dir)} used algorithm {old!r}, this command asks for {new!r}"
+        )
+    old, new = saved.get("workers"), requested.get("workers")
+    if isinstance(new, int) and not isinstance(new, bool) and new != old:
+        raise CheckpointError(
+            f"--resume: the run in {shown(run_dir)} ran on {old} workers, "
+            f"this command asks to continue on {new}"
+        )
 
 
 def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     """Config, run directory and resume flag for `commsgd train`, all validated before any worker starts."""
     from commsgd.algorithms import get_algorithm_class, validate_params
-    from commsgd.config import load_config, read_yaml
+    from commsgd.config import load_config, read_yaml, shown
     from commsgd.tasks import DATASETS, MODELS, load_dataset
 
     resume = args.resume is not None
     if resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"resume {run_dir}: not a commsgd run directory (no config.yaml)")
+            raise CheckpointError(f"resume {shown(run_dir)}: not a commsgd run directory (no config.yaml)")
         base = read_yaml(run_dir / "config.yaml")
         if args.config:
             raise ConfigError(
@@ -134,14 +177,11 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
             )
     else:
         base = read_yaml(args.config) if args.config else {}
-    cfg = load_config(base, flag_overrides(args), validate_algorithm=validate_params)
+    requested = requested_config(base, args)
     if resume:
-        if cfg.algorithm != base.get("algorithm") or cfg.workers != base.get("workers"):
-            raise CheckpointError(
-                f"resume {args.resume}: the run used algorithm {base.get('algorithm')!r} on "
-                f"{base.get('workers')} "
-                f"workers; it cannot continue as {cfg.algorithm!r} on {cfg.workers}"
-            )
+        check_resume_matches(run_dir, base, requested)
+    cfg = load_config(requested, validate_algorithm=validate_params)
+    if resume:
         cfg.out = str(run_dir)
     if cfg.model not in MODELS:
         raise ConfigError(f"model: unknown name {cfg.model!r}; choose from {', '.join(MODELS)}")
@@ -199,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(EXTRA_COMMANDS[args.command][0])
         return int(module.run(args))
     except UserError as exc:
-        print(f"commsgd: error: {exc}", file=sys.stderr)
+        print(f"commsgd: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("commsgd: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), the same whether the embedded l
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ipaddress
 import json
@@ -15,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -66,6 +68,7 @@ class Heartbeat:
         self._status: str | None = None
         self._thread = threading.Thread(target=self._run, name="commsgd-heartbeat", daemon=True)
         self._thread.start()
+        _RUNNING.add(self)
 
     def _run(self) -> None:
         key = f"heartbeat/rank{self.rank}"
@@ -87,8 +90,13 @@ class Heartbeat:
     def stop(self) -> None:
         if self._status is None:
             self.report("exited")
+        self.halt()
+
+    def halt(self) -> None:
+        """End the beat thread (no status is reported) and wait for it, a few intervals at most."""
         self._stop.set()
         self._thread.join(timeout=2 * self.interval_s + 1)
+        _RUNNING.discard(self)
 
     def silent_peers(self) -> tuple[list[int], list[int]] | None:
         """(peers without a heartbeat, peers that reported a failure); None when the store is unreachable."""
@@ -109,6 +117,19 @@ class Heartbeat:
         ]
         failed = [r for r, s in sorted(status.items()) if s == "failed"]
         return silent, failed
+
+
+#: heartbeats whose thread may still run: halted at exit when their context was never closed
+_RUNNING: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
+
+
+@atexit.register
+def _halt_heartbeats_at_exit() -> None:
+    """A daemon thread caught inside a store call while the interpreter finalizes aborts the process
+    ("terminate called without an active exception", exit code 134); `commsgd.init()` users often
+    never close their context, so the beat threads are ended before finalization starts."""
+    for heartbeat in list(_RUNNING):
+        heartbeat.halt()
 
 
 @dataclass

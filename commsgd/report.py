@@ -197,6 +197,18 @@ class RunStats:
     speedup_throughput: float | None = None
 
 
+def samples_trained(run: Run) -> int:
+    """Samples whose gradients were used, over all workers: the algorithm's own count where every rank
+    reports one (deadline-based methods use a varying number per step), else steps x batch size."""
+    per_rank = run.summary.get("algorithm_summary")
+    if isinstance(per_rank, list) and per_rank:
+        counts = [r.get("samples") if isinstance(r, dict) else None for r in per_rank]
+        valid = [c for c in counts if isinstance(c, int) and not isinstance(c, bool)]
+        if len(valid) == len(counts):
+            return sum(valid)
+    return sum(int(x) for x in run.summary["steps"]) * run.batch_size
+
+
 def run_stats(run: Run, target: float) -> RunStats:
     s = run.summary
     steps = [int(x) for x in s["steps"]] or [0]
@@ -211,7 +223,7 @@ def run_stats(run: Run, target: float) -> RunStats:
         bytes_per_step=mean([float(x) for x in s["bytes_per_step"]]),
         comm_share=mean([float(x) for x in s.get("comm_share", [])]),
         wall_s=wall,
-        samples_per_s=sum(steps) * run.batch_size / wall if wall > 0 else 0.0,
+        samples_per_s=samples_trained(run) / wall if wall > 0 else 0.0,
     )
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import DistributedSampler
 
 from commsgd import checkpoint
 from commsgd.algorithms import Algorithm, build_algorithm
-from commsgd.algorithms.base import MiniBatch
+from commsgd.algorithms.base import MiniBatch, Slowdown
 from commsgd.api import CommOptimizer, NonFiniteError
 from commsgd.config import DEFAULT_STEPS, Config, to_dict
 from commsgd.context import WorkerContext, create_context
@@ -108,6 +108,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial model on every worker
         self.model = build_model(cfg.model, self.dataset.spec).to(ctx.device)
         self.algo = build_algorithm(cfg.algorithm, cfg.algo)
+        if ctx.rank in cfg.cluster.slow_ranks:
+            self.algo.slowdown = Slowdown(cfg.cluster.slow_factor, cfg.cluster.slow_sleep_s)
         self.optimizer = build_optimizer(cfg, self.model, self.algo)
         self.step_fn = CommOptimizer(
             self.optimizer,
@@ -162,7 +164,12 @@ class Trainer:
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # The rate in force when the checkpoint was taken, so that a schedule drop already passed does
+        # not fire `on_lr_change` again. Older checkpoints lack "lr": the optimizer's rate is the one
+        # `_apply_lr` set last.
+        self.lr = float(state.get("lr", self.optimizer.param_groups[0]["lr"]))
         self.algo.load_state_dict(state["algorithm"])
+        self.step_fn.load_guard_state(state.get("nonfinite", {}))
         self.ctx.comm.meter.load_state_dict(state["meter"])
         set_rng_state(state["rng"])
         self.data_gen.set_state(state["rng"]["data"])
@@ -185,9 +192,11 @@ class Trainer:
         state = {
             "step": self.step,
             "batches": self.batches_drawn,
+            "lr": self.lr,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "algorithm": self.algo.state_dict(),
+            "nonfinite": self.step_fn.guard_state(),
             "meter": ctx.comm.meter.state_dict(),
             "rng": {**rng_state(), "data": self.data_gen.get_state()},
             "compute_s": self.compute_s,
@@ -219,7 +228,10 @@ class Trainer:
             start = time.perf_counter()
             self.step += 1
             loss_value = self.step_fn.step(step=self.step, next_batch=self._next_batch)
-            self._slow_down(time.perf_counter() - start)
+            if not self.algo.draws_batches:  # those spend the slowdown inside their computation
+                now = comm.totals()
+                in_comm = now.comm_s + now.wait_s - spent_in_comm
+                self._sleep(self.algo.slowdown.delay(time.perf_counter() - start - in_comm))
             after = comm.totals()
             self.compute_s += time.perf_counter() - start - (after.comm_s + after.wait_s - spent_in_comm)
             if self.step % cfg.log_every == 0:
@@ -260,10 +272,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _slow_down(self, compute_s: float) -> None:
-        cluster = self.cfg.cluster
-        if self.ctx.rank in cluster.slow_ranks:
-            time.sleep((cluster.slow_factor - 1) * compute_s + cluster.slow_sleep_s)
+    @staticmethod
+    def _sleep(seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
 
     def _log(self, epoch: int, loss: float) -> None:
         c = self.ctx.comm.meter.totals()

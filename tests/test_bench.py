@@ -11,11 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from commsgd.bench import cluster as cl
 from commsgd.bench import compressors, powersgd, traffic
 from commsgd.bench.common import BenchEnv, available, write_result
 from commsgd.cli import main
+from commsgd.tasks import write_fake_cifar10
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BENCH_SUBNET = ipaddress.ip_network("198.18.0.0/15")
@@ -161,3 +163,23 @@ def test_quick_suite_produces_reports_and_plots(tmp_path: Path) -> None:
     assert any(row[0] == "allreduce" and row[5] == "1.0000" for row in bytes_rows)
     assert (out / "paper" / "report.md").is_file()
     assert not list((out / "runs").glob("*/*/checkpoints"))  # checkpoints are removed after reading
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_paper_runs_cnn7_on_a_cifar10_directory(tmp_path: Path) -> None:
+    """`bench paper --data-dir` trains the paper's CNN7 on CIFAR-10 read from the directory given."""
+    data = write_fake_cifar10(tmp_path / "cifar", n_train_per_batch=40, n_test=40).parent
+    out = tmp_path / "results"
+    argv = ["bench", "paper", "--quick", "--steps", "4", "--data-dir", str(data), "--out", str(out)]
+    assert main(argv) == 0
+    text = (out / "paper.md").read_text()
+    assert "CNN7 on CIFAR-10" in text
+    assert_well_formed(out / "paper.md")
+    configs = list((out / "runs" / "paper").glob("*/config.yaml"))
+    assert configs
+    for config in configs:
+        cfg = yaml.safe_load(config.read_text())
+        assert cfg["model"] == "cnn7" and cfg["data"]["dataset"] == "cifar10"
+        assert cfg["data"]["data_dir"] == str(data)

@@ -106,6 +106,29 @@ def test_control_characters_in_a_path_are_refused(tmp_path: Path, capsys: pytest
     assert line.startswith("commsgd: error: out:")
 
 
+def test_flag_values_reach_the_config_as_typed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_launch: list[Any]
+) -> None:
+    """A newline in a path is refused, not folded into a space by a YAML round trip."""
+    line = _refused(["train", "--out", str(tmp_path / "a\nb")], capsys)
+    assert line.startswith("commsgd: error: out:") and "a\\nb" in line
+    assert not (tmp_path / "a b").exists() and not no_launch
+    line = _refused(["train", "--out", str(tmp_path / "o"), "--algorithm", "it's\x1b[31m"], capsys)
+    assert line.startswith('commsgd: error: algorithm: unknown name "it\'s\\x1b[31m";'), line
+    assert cli.main(["train", "--out", str(tmp_path / "it's 'quoted'")]) == 0
+    assert no_launch[0][0].out == str(tmp_path / "it's 'quoted'")
+
+
+def test_control_characters_in_error_lines_are_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--bogus=a\rb\x1b[2Jc\u2028d"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "commsgd: error: unrecognized arguments: --bogus=a\\rb\\x1b[2Jc\\u2028d\n"
+    line = _refused(["train", "--resume", "r\nun"], capsys)
+    assert line == "commsgd: error: resume 'r\\nun': not a commsgd run directory (no config.yaml)"
+
+
 # ----------------------------------------------------------------------------- run directories
 
 
@@ -154,18 +177,25 @@ def test_resume_with_another_algorithm_is_refused(
     assert not no_launch
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.resolve_train_config validates the saved algo params against the new algorithm before "
-    "its resume check, so the line names algo.<param> instead of the algorithm mismatch",
-)
 def test_resume_with_another_algorithm_names_both_algorithms(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = _run_dir(tmp_path)
     other = _other_algorithm()
-    line = _refused(["train", "--resume", str(run), "--algorithm", other], capsys)
-    assert "'allreduce'" in line and repr(other) in line
+    expected = (
+        f"commsgd: error: --resume: the run in {run} used algorithm 'allreduce', "
+        f"this command asks for {other!r}"
+    )
+    assert _refused(["train", "--resume", str(run), "--algorithm", other], capsys) == expected
+    assert _refused(["train", "--resume", str(run), f"algorithm={other}"], capsys) == expected
+
+
+def test_resume_names_the_algorithm_change_before_a_bad_param(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _run_dir(tmp_path)
+    line = _refused(["train", "--resume", str(run), "--algorithm", _other_algorithm(), "algo.nope=1"], capsys)
+    assert "used algorithm 'allreduce'" in line and "nope" not in line
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

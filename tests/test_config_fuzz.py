@@ -302,11 +302,6 @@ def test_train_flags_are_accepted_or_refused_with_exit_code_2(
         assert len(launched) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.ArgumentParser.error prints argparse's message as is; 'unrecognized arguments' joins the "
-    "raw tokens, so a carriage return or newline in one splits the error over two lines",
-)
 def test_unrecognised_arguments_with_control_characters_stay_on_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -11,6 +11,7 @@ import torch
 
 import commsgd
 from commsgd.algorithms import validate_params
+from commsgd.algorithms.base import Slowdown
 from commsgd.algorithms.gossip import ModelVector, WireCodec
 from commsgd.algorithms.stragglers import Stragglers, gradient_by_deadline
 from commsgd.compression import get as get_compressor
@@ -143,6 +144,34 @@ def test_batch_missing_the_deadline_gives_zero_gradient() -> None:
     assert (result.samples, result.batches) == (0, 0) and math.isfinite(result.loss)
     assert len(slept) == 1 and 0 <= slept[0] <= 0.5  # idles out the rest of the deadline, not 40 s
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("factor", "expected"), [(1.0, 10), (2.0, 5), (3.0, 3)])
+def test_a_slowed_worker_spends_its_slowdown_inside_the_deadline(
+    monkeypatch: pytest.MonkeyPatch, factor: float, expected: int
+) -> None:
+    """On a fake clock where every batch computes for 1 s: a deadline of 10.5 s fits 10 batches, and
+    a worker slowed `factor` times fits 10.5 // factor; the slowdown never runs past the deadline."""
+    clock = [0.0]
+    monkeypatch.setattr("commsgd.algorithms.stragglers.time.perf_counter", lambda: clock[0])
+
+    def advance(seconds: float) -> None:
+        clock[0] += seconds
+
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(2, 3), torch.randn(2, 1)
+
+    def next_batch() -> commsgd.MiniBatch:
+        def loss() -> torch.Tensor:
+            advance(1.0)  # the batch's real compute time
+            return torch.nn.functional.mse_loss(model(x), y)
+
+        return commsgd.MiniBatch(loss, 2)
+
+    slowdown = Slowdown(factor, extra_s=0.0)
+    result = gradient_by_deadline(list(model.parameters()), next_batch, 10.5, 0.0, advance, slowdown=slowdown)
+    assert result.batches == expected
+    assert clock[0] <= 10.5 + 1.0  # at most the dropped batch's own compute past the deadline
 
 
 # ------------------------------------------------------------------------------------ stragglers

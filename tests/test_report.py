@@ -19,6 +19,7 @@ from commsgd.report import (
     load_run,
     load_runs,
     parse_target,
+    samples_trained,
     time_to_target,
     write_report,
 )
@@ -120,6 +121,20 @@ def test_numbers_time_to_target_and_speedups(tmp_path: Path) -> None:
     assert stats[1].speedup_throughput == pytest.approx(4.0)  # twice the workers, twice the step rate
     assert stats[1].bytes_per_step == 1000.0
     assert auto_target(runs) == pytest.approx(0.04)
+
+
+def test_throughput_counts_the_samples_the_algorithm_used(tmp_path: Path) -> None:
+    """Deadline-based runs use a varying number of samples per step: their own count wins when every
+    rank reports one; otherwise steps x batch size."""
+    path = make_run(tmp_path, "timed", "quantimed", workers=2, step_s=0.01)
+    summary = json.loads((path / "summary.json").read_text())
+    summary["algorithm_summary"] = [{"samples": 100}, {"samples": 300}]
+    (path / "summary.json").write_text(json.dumps(summary))
+    assert samples_trained(load_runs([path])[0]) == 400
+    assert all_stats(load_runs([path]), 0.1)[0].samples_per_s == pytest.approx(400 / 0.4)
+    summary["algorithm_summary"] = [{"samples": 100}, {"leader": 1}]  # one rank without a count
+    (path / "summary.json").write_text(json.dumps(summary))
+    assert samples_trained(load_runs([path])[0]) == 2 * 40 * 32
 
 
 def test_leader_records_are_deduplicated_and_defensive(tmp_path: Path) -> None:

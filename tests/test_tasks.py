@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +163,18 @@ def test_digits_split_and_normalisation() -> None:
     assert set(data.test_y.tolist()) == set(range(10))
     other = load_dataset("digits", None, model="mlp", seed=99)
     assert torch.equal(data.test_x, other.test_x)
+
+
+def test_worker_start_up_leaves_heavy_packages_unimported() -> None:
+    """scikit-learn (about 1 s with scipy) is imported by the digits loader only, not by every worker;
+    plotting and test-only packages never are."""
+    code = (
+        "import sys, commsgd.cli, commsgd.launch, commsgd.train; "
+        "print(' '.join(m for m in ('sklearn', 'scipy', 'matplotlib', 'hypothesis') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []
 
 
 def test_synthetic_shapes() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -71,3 +73,55 @@ def test_resume_continues_to_a_larger_budget(tmp_path: Path) -> None:
     assert summary["steps"] == [16, 16]
     steps = [r["step"] for r in read_jsonl(out / "metrics" / "rank0.jsonl")]
     assert steps == list(range(1, 17))  # no step lost or repeated across the resume
+
+
+KINDS = ("current", "older")  # a checkpoint as saved now, and one without "lr" (saved before it was kept)
+
+
+def _lr_changes_after_resume(run_dir: str) -> dict[str, tuple[list[tuple[int, float, float]], float]]:
+    """Worker: 6 steps with rate drops after steps 3 and 7, then a resume to 9 steps, from a checkpoint
+    as saved and from one without its "lr" (an older checkpoint); the `on_lr_change` calls after each
+    resume and the rate at the end."""
+    from commsgd.algorithms import validate_params
+    from commsgd.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+    from commsgd.config import load_config
+    from commsgd.context import create_context
+    from commsgd.train import Trainer
+
+    overrides = ["steps=6", "optim.schedule=step", "optim.drop_steps=[3, 7]", "progress=false"]
+    cfg = load_config(
+        {}, [*overrides, "data.dataset=synthetic", "cluster.threads=1"], validate_algorithm=validate_params
+    )
+    ctx = create_context(cfg.cluster, cfg.network, cfg.seed)
+    try:
+        Trainer(cfg, ctx, Path(run_dir, "current")).run()
+        shutil.copytree(Path(run_dir, "current"), Path(run_dir, "older"))
+        state = load_checkpoint(checkpoint_path(Path(run_dir, "older"), 6, 0))
+        del state["lr"]
+        save_checkpoint(Path(run_dir, "older"), 6, 0, state)
+        cfg.steps = 9
+        results = {
+            kind: _resume_recording_lr_changes(Trainer(cfg, ctx, Path(run_dir, kind))) for kind in KINDS
+        }
+    finally:
+        ctx.close()
+    return results
+
+
+def _resume_recording_lr_changes(trainer: Any) -> tuple[list[tuple[int, float, float]], float]:
+    changes: list[tuple[int, float, float]] = []
+    trainer.algo.on_lr_change = lambda old, new: changes.append((trainer.step, old, new))
+    assert trainer.restore()
+    trainer.run()
+    return changes, trainer.lr
+
+
+def test_resume_past_a_rate_drop_keeps_the_dropped_rate(tmp_path: Path) -> None:
+    from commsgd.testing import run_distributed
+
+    (results,) = run_distributed(_lr_changes_after_resume, 1, str(tmp_path))
+    for kind in KINDS:
+        changes, final = results[kind]
+        # Only the drop after step 7 is a change; the one after step 3 was in force at the checkpoint.
+        assert changes == [(7, pytest.approx(0.05 * 0.1), pytest.approx(0.05 * 0.01))], kind
+        assert final == pytest.approx(0.05 * 0.01), kind

@@ -49,6 +49,21 @@ NextBatch = Callable[[], MiniBatch]
 """Draws this worker's next mini-batch from its shard (each call moves the data position on)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Slowdown:
+    """An emulated slow worker (`cluster.slow_ranks`): its compute takes `factor` times as long, plus
+    `extra_s` per step. The Trainer sleeps the difference after each step; an algorithm that draws its
+    own batches (`draws_batches`) spends it inside its computation, where a deadline can cut it short.
+    """
+
+    factor: float = 1.0
+    extra_s: float = 0.0
+
+    def delay(self, compute_s: float, *, per_step: bool = True) -> float:
+        """Seconds to sleep for `compute_s` of real compute (`per_step`: include the per-step extra)."""
+        return (self.factor - 1.0) * compute_s + (self.extra_s if per_step else 0.0)
+
+
 class Algorithm:
     """Base class: every hook is a no-op, so an algorithm implements only what it changes."""
 
@@ -65,6 +80,7 @@ class Algorithm:
         self.ctx: WorkerContext | None = None
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.slowdown = Slowdown()  # set by the Trainer on slowed ranks
 
     # -- binding --------------------------------------------------------------------------
 

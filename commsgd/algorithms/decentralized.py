@@ -338,6 +338,7 @@ class QuanTimed(QDSGD):
             self.stragglers.begin_iteration(),
             self.stragglers.sleep,
             self.params.max_batches,
+            self.slowdown,
         )
         self.samples += result.samples
         self.zero_gradient_iterations += result.samples == 0

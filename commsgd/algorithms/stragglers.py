@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 import torch
 
-from commsgd.algorithms.base import NextBatch
+from commsgd.algorithms.base import NextBatch, Slowdown
 
 StragglerMode = Literal["off", "per_iteration", "per_worker"]
+NO_SLOWDOWN = Slowdown()
 
 
 class Stragglers:
@@ -97,13 +98,15 @@ def gradient_by_deadline(
     seconds_per_sample: float,
     sleep: Callable[[float], None],
     max_batches: int = 0,
+    slowdown: Slowdown = NO_SLOWDOWN,
 ) -> DeadlineResult:
     """Compute gradients on mini-batches until `deadline_s` seconds have passed; leave their
     sample-weighted mean in each parameter's `.grad` (zeros when no batch finished in time).
 
-    A batch costs its real compute time plus `seconds_per_sample` per sample (slept). A batch that
-    would end after the deadline is dropped and the worker idles until the deadline, as a worker that
-    is cut off there would. `max_batches` > 0 stops early after that many finished batches.
+    A batch costs its real compute time plus `seconds_per_sample` per sample, plus what `slowdown`
+    adds on a slowed worker (both slept). A batch that would end after the deadline is dropped and the
+    worker idles until the deadline, as a worker that is cut off there would. `max_batches` > 0 stops
+    early after that many finished batches.
     """
     deadline = time.perf_counter() + deadline_s
     totals = [torch.zeros_like(p) for p in params]
@@ -113,10 +116,12 @@ def gradient_by_deadline(
         batch = next_batch()
         for p in params:
             p.grad = None
+        began = time.perf_counter()
         value = batch.loss()
         value.backward()
         last = float(value.detach().item())
-        delay = seconds_per_sample * batch.size
+        real_s = time.perf_counter() - began
+        delay = seconds_per_sample * batch.size + slowdown.delay(real_s, per_step=batches == 0)
         left = deadline - time.perf_counter()
         if delay > left:  # not finished by the deadline: dropped
             sleep(max(left, 0.0))

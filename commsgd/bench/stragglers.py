@@ -1,14 +1,20 @@
 """stragglers: one worker 3x slower (cluster.slow_ranks=[1] cluster.slow_factor=3): synchronous vs
 asynchronous LSGD (algo.mode=async), and QuanTimed-DSGD vs D-PSGD, with all-reduce SGD as reference.
+
+QuanTimed-DSGD's deadline is set, as in its paper, to about the time a fast worker needs for one
+D-PSGD mini-batch: measured from the D-PSGD run (median compute time per step of the ranks that are
+not slowed), with mini-batches a quarter of the size so that a deadline holds several of them and the
+slow worker finishes some. `--deadline` sets it by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from commsgd.bench.common import BenchEnv, Job, accepts, available, run_jobs, write_result
-from commsgd.report import md_table, pct, run_stats, secs, write_report
+from commsgd.report import Run, md_table, pct, run_stats, secs, write_report
 
 TITLE = "one worker 3x slower: sync vs async LSGD, QuanTimed-DSGD vs D-PSGD (and all-reduce SGD)"
 
@@ -18,6 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="steps per worker (default 300; quick 10)")
     parser.add_argument("--slow-factor", type=float, default=3.0)
     parser.add_argument("--target-error", type=float, default=0.06)
+    parser.add_argument(
+        "--deadline", type=float, help="QuanTimed-DSGD deadline in seconds (default: from the D-PSGD run)"
+    )
+
+
+BATCH = 32
+#: QuanTimed-DSGD's mini-batches are this many times smaller, so that a deadline holds several
+DEADLINE_BATCH_DIVISOR = 4
 
 
 def variants(env: BenchEnv) -> list[tuple[str, str, list[str]]]:
@@ -35,14 +49,43 @@ def variants(env: BenchEnv) -> list[tuple[str, str, list[str]]]:
     return result
 
 
+def timed_text(deadline: float | None, ran: bool) -> str:
+    """The sentence on QuanTimed-DSGD's deadline for the result file."""
+    if not ran or deadline is None:
+        return ""
+    return (
+        f"QuanTimed-DSGD: deadline {deadline * 1e3:.2f} ms (a fast worker's compute per D-PSGD step), "
+        f"mini-batches of {max(BATCH // DEADLINE_BATCH_DIVISOR, 1)}. "
+    )
+
+
+def fast_step_compute_s(run: Run | None, slowed: list[int]) -> float | None:
+    """Median compute seconds per step of the ranks of `run` that were not slowed."""
+    if run is None:
+        return None
+    compute, steps = run.summary.get("compute_time_s") or [], run.summary.get("steps") or []
+    per_step = [c / n for rank, (c, n) in enumerate(zip(compute, steps)) if rank not in slowed and n]
+    return statistics.median(per_step) if per_step else None
+
+
 def run(env: BenchEnv, args: argparse.Namespace) -> str:
     start = time.perf_counter()
     workers = args.workers or (2 if env.quick else 4)
     steps = args.steps or (10 if env.quick else 300)
     slow = ["cluster.slow_ranks=[1]", f"cluster.slow_factor={args.slow_factor}"]
-    base = ["model=mlp", f"eval_every={max(steps // 20, 1)}", *slow]
+    base = ["model=mlp", f"data.batch_size={BATCH}", f"eval_every={max(steps // 20, 1)}", *slow]
     jobs = [Job(name, algo, workers, steps, base + extra) for name, algo, extra in variants(env)]
-    runs = run_jobs(env, "stragglers", jobs)
+    timed = [job for job in jobs if job.algorithm == "quantimed"]
+    runs = run_jobs(env, "stragglers", [job for job in jobs if job not in timed])
+    deadline = args.deadline or fast_step_compute_s(runs.get("dpsgd"), slowed=[1])
+    for job in timed:
+        if deadline is None:
+            env.note("stragglers: no D-PSGD run to time; QuanTimed-DSGD runs with its default deadline")
+        else:
+            batch = max(BATCH // DEADLINE_BATCH_DIVISOR, 1)
+            job.overrides += [f"algo.deadline_s={deadline:.6f}", f"data.batch_size={batch}"]
+            env.log(f"quantimed: deadline {deadline * 1e3:.2f} ms, mini-batches of {batch}")
+    runs.update(run_jobs(env, "stragglers", timed))
     ok = [r for r in runs.values() if r is not None]
     rows, data = [], {}
     for r in ok:
@@ -79,14 +122,17 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     ]
     body = "\n".join(
         [
-            f"mlp on digits, {workers} workers on one node, {steps} steps per worker, rank 1 slowed "
-            f"{args.slow_factor:g}x (it sleeps (factor-1) x its compute time each step). Default parameters "
-            "otherwise. Curves: [stragglers/report.md](stragglers/report.md).",
+            f"mlp on digits, {workers} workers on one node, {steps} steps per worker, batch {BATCH}, rank 1 "
+            f"slowed {args.slow_factor:g}x: its compute takes {args.slow_factor:g} times as long (it sleeps "
+            "the difference after each step; QuanTimed-DSGD spends it inside its deadline, which cuts it "
+            f"short). {timed_text(deadline, bool(timed))}Default parameters otherwise. Samples/s counts the "
+            "samples whose gradients were used. Curves: [stragglers/report.md](stragglers/report.md).",
             "",
             md_table(headers, rows),
         ]
     )
-    write_result(env, "stragglers", "Stragglers", body, {"runs": data}, time.perf_counter() - start)
+    extra = {"runs": data, "quantimed_deadline_s": deadline}
+    write_result(env, "stragglers", "Stragglers", body, extra, time.perf_counter() - start)
     if not data:
         return "no run finished"
     return ", ".join(f"{k} {v['wall_s']:.1f} s" for k, v in data.items())

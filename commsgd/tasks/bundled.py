@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits as sklearn_digits
-from sklearn.model_selection import train_test_split
 
 from commsgd.tasks.dataset import Dataset, DatasetSpec
 
@@ -34,7 +32,12 @@ def load_digits_dataset() -> Dataset:
     """1797 8x8 digit images, stratified 80/20 split, pixels in [0,1] normalised by the train mean and std.
 
     One scalar mean and std: several border pixels are always zero, so per-pixel std would divide by 0.
+    scikit-learn is imported here, not at module level: it (with scipy) is about 1 s of start-up that
+    workers training on other data sets, and `commsgd --help`, would otherwise pay.
     """
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
     bunch = sklearn_digits()
     images = bunch.data.astype(np.float32) / 16.0
     labels = bunch.target.astype(np.int64)

@@ -1,0 +1,57 @@
+"""The non-finite guard of CommOptimizer: what `all_finite` flags, and that its counters survive resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import commsgd
+from commsgd.api import all_finite
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_one_bad_element_anywhere_is_caught(bad: float) -> None:
+    tensors = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2)]
+    assert all_finite(tensors)
+    tensors[1][4] = bad
+    assert not all_finite(tensors)
+
+
+def test_opposite_infinities_do_not_cancel() -> None:
+    assert not all_finite([torch.tensor([math.inf, 1.0]), torch.tensor([-math.inf])])
+
+
+def test_low_precision_sums_do_not_overflow_on_finite_values() -> None:
+    big = torch.full((4,), 60000.0, dtype=torch.float16)  # sums past the float16 maximum (65504)
+    assert all_finite([big, torch.ones(3, dtype=torch.bfloat16)])
+    big[2] = math.nan
+    assert not all_finite([big])
+
+
+def test_no_tensors_is_finite() -> None:
+    assert all_finite([])
+
+
+def test_bad_step_counters_are_saved_and_restored() -> None:
+    class _Algo:
+        ctx = object()
+        name = "fake"
+
+        def state_dict(self) -> dict[str, int]:
+            return {}
+
+        def load_state_dict(self, state: dict[str, int]) -> None:
+            pass
+
+    model = torch.nn.Linear(2, 1)
+    opt = commsgd.CommOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), _Algo(), model, None)  # type: ignore[arg-type]
+    opt.bad_in_a_row, opt.bad_steps, opt.steps = 2, 7, 11
+    state = opt.state_dict()
+    fresh = commsgd.CommOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), _Algo(), model, None)  # type: ignore[arg-type]
+    fresh.load_state_dict(state)
+    assert (fresh.bad_in_a_row, fresh.bad_steps, fresh.steps) == (2, 7, 11)
+    del state["bad_in_a_row"], state["bad_steps"]  # a checkpoint from before the counters were saved
+    fresh.load_state_dict(state)
+    assert (fresh.bad_in_a_row, fresh.bad_steps) == (0, 0)
