@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from commsgd.tasks import (
     Dataset,
     DatasetSpec,
     build_model,
+    bundled,
     load_dataset,
     loss_and_errors,
     write_fake_cifar10,
@@ -175,6 +178,176 @@ def test_worker_start_up_leaves_heavy_packages_unimported() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == []
+
+
+# ---------------------------------------------------------------- digits cache
+
+
+@pytest.fixture()
+def digits_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache directory of this test's own; returns the digits cache file path in it."""
+    monkeypatch.setenv("COMMSGD_CACHE_DIR", str(tmp_path / "cache"))
+    path = bundled._digits_cache_path()
+    assert path is not None and path.parent == tmp_path / "cache"
+    return path
+
+
+@pytest.fixture(scope="module")
+def sklearn_digits() -> dict[str, torch.Tensor]:
+    """The prepared digits arrays computed with scikit-learn, never read from a cache."""
+    return {key: torch.from_numpy(value) for key, value in bundled._compute_digits_arrays().items()}
+
+
+def _assert_digits_equal(data: Dataset, reference: dict[str, torch.Tensor]) -> None:
+    """Bitwise equality (floats compared as their int32 bit patterns, so even -0.0 vs 0.0 differs)."""
+    loaded = {"x_tr": data.train_x, "y_tr": data.train_y, "x_te": data.test_x, "y_te": data.test_y}
+    for key, tensor in loaded.items():
+        assert tensor.dtype == reference[key].dtype and tensor.shape == reference[key].shape, key
+        if tensor.dtype == torch.float32:
+            assert torch.equal(tensor.view(torch.int32), reference[key].view(torch.int32)), key
+        else:
+            assert torch.equal(tensor, reference[key]), key
+
+
+def _no_sklearn() -> dict[str, np.ndarray]:
+    raise AssertionError("digits were computed with scikit-learn, not read from the cache")
+
+
+def test_digits_cache_location_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("COMMSGD_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert bundled.cache_dir() == tmp_path / "home" / ".cache" / "commsgd"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert bundled.cache_dir() == tmp_path / "home" / ".cache" / "commsgd"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert bundled.cache_dir() == tmp_path / "xdg" / "commsgd"
+    monkeypatch.setenv("COMMSGD_CACHE_DIR", str(tmp_path / "own"))
+    assert bundled.cache_dir() == tmp_path / "own"
+    path = bundled._digits_cache_path()
+    assert path is not None and path.parent == tmp_path / "own"
+    assert f"-v{bundled.DIGITS_CACHE_FORMAT}-" in path.name
+    assert f"sklearn{importlib.metadata.version('scikit-learn')}" in path.name
+
+
+def test_digits_cache_hit_is_bitwise_identical(
+    digits_cache: Path, sklearn_digits: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cold = load_dataset("digits", None, model="mlp", seed=0)
+    _assert_digits_equal(cold, sklearn_digits)
+    assert [p.name for p in digits_cache.parent.iterdir()] == [digits_cache.name]  # no temp file left
+    monkeypatch.setattr(bundled, "_compute_digits_arrays", _no_sklearn)
+    warm = load_dataset("digits", None, model="mlp", seed=0)
+    _assert_digits_equal(warm, sklearn_digits)
+    assert warm.spec == cold.spec
+
+
+def _corrupt(path: Path, kind: str) -> None:
+    """Damage a valid cache file at `path` in one of several ways."""
+    raw = path.read_bytes()
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif kind == "bit_flip":  # inside the array data: only the zip CRC notices
+        middle = len(raw) // 2
+        path.write_bytes(raw[:middle] + bytes([raw[middle] ^ 0x10]) + raw[middle + 1 :])
+    elif kind == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "object_array":  # would need pickle to load
+        with path.open("wb") as handle:
+            np.savez(handle, x_tr=np.array([{"a": 1}], dtype=object))
+    elif kind == "wrong_dtype":
+        with np.load(path) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        arrays["x_tr"] = arrays["x_tr"].astype(np.float64)
+        with path.open("wb") as handle:
+            np.savez(handle, **arrays)
+    elif kind == "missing_array":
+        with np.load(path) as archive:
+            arrays = {key: archive[key] for key in archive.files if key != "y_te"}
+        with path.open("wb") as handle:
+            np.savez(handle, **arrays)
+    elif kind == "directory":
+        path.unlink()
+        path.mkdir()
+        return
+    assert path.read_bytes() != raw
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "empty",
+        "truncated",
+        "bit_flip",
+        "garbage",
+        "object_array",
+        "wrong_dtype",
+        "missing_array",
+        "directory",
+    ],
+)
+def test_corrupt_digits_cache_falls_back_and_is_rewritten(
+    digits_cache: Path, sklearn_digits: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    load_dataset("digits", None, model="mlp", seed=0)
+    _corrupt(digits_cache, kind)
+    assert bundled._read_digits_cache(digits_cache) is None
+    _assert_digits_equal(load_dataset("digits", None, model="mlp", seed=0), sklearn_digits)
+    if kind != "directory":  # os.replace cannot put a file over a directory: just not cached
+        monkeypatch.setattr(bundled, "_compute_digits_arrays", _no_sklearn)
+        _assert_digits_equal(load_dataset("digits", None, model="mlp", seed=0), sklearn_digits)
+    assert not list(digits_cache.parent.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("where", ["file", "below_file"])
+def test_unwritable_digits_cache_dir_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sklearn_digits: dict[str, torch.Tensor], where: str
+) -> None:
+    """A cache directory that cannot be created (works as root too, unlike a read-only directory)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory", encoding="utf-8")
+    monkeypatch.setenv("COMMSGD_CACHE_DIR", str(blocker if where == "file" else blocker / "cache"))
+    _assert_digits_equal(load_dataset("digits", None, model="mlp", seed=0), sklearn_digits)
+    assert blocker.read_text(encoding="utf-8") == "not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+def test_failed_digits_cache_write_leaves_old_file_and_no_temp(
+    digits_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that dies halfway (disk full) never shows at the cache path: readers see the old file."""
+    arrays = bundled._compute_digits_arrays()
+    bundled._write_digits_cache(digits_cache, arrays)
+    before = digits_cache.read_bytes()
+
+    def half_write(handle: BinaryIO, **kwargs: np.ndarray) -> None:
+        handle.write(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bundled.np, "savez", half_write)
+    bundled._write_digits_cache(digits_cache, arrays)
+    assert digits_cache.read_bytes() == before
+    assert [p.name for p in digits_cache.parent.iterdir()] == [digits_cache.name]
+
+
+def test_warm_digits_cache_spares_a_fresh_process_sklearn(tmp_path: Path) -> None:
+    """The first process computes and caches the split (importing sklearn); the next only reads the cache."""
+    code = (
+        "import sys; from commsgd.tasks import load_dataset; "
+        "data = load_dataset('digits', None, model='mlp', seed=0); "
+        "print(data.num_train, data.num_test, 'sklearn' in sys.modules, 'scipy' in sys.modules)"
+    )
+    env = {**os.environ, "COMMSGD_CACHE_DIR": str(tmp_path)}
+    outputs = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.split())
+    assert outputs == [["1437", "360", "True", "True"], ["1437", "360", "False", "False"]]
 
 
 def test_synthetic_shapes() -> None:

@@ -69,11 +69,10 @@ def settings(env: BenchEnv, args: argparse.Namespace) -> list[Setting]:
     if env.quick:
         name = "2 workers, 1 node each"
         return [Setting(name, "2w", 2, algos, [*network, "cluster.group_size=1"], 2, 1, args.cluster)]
-    two_node: list[str] = [a for a in ("allreduce", "lsgd") if a in algos]
     return [
         Setting("4 workers, 1 node each", "4w", 4, algos, [*network, "cluster.group_size=1"], 4, 1),
         Setting(
-            "2 nodes x 2 workers", "2x2", 4, two_node, [*network, "cluster.group_size=2"], 2, 2, args.cluster
+            "2 nodes x 2 workers", "2x2", 4, algos, [*network, "cluster.group_size=2"], 2, 2, args.cluster
         ),
     ]
 

@@ -5,6 +5,13 @@ Both are fixed (their seeds do not depend on the run seed) so every run is score
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import os
+import re
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -12,6 +19,11 @@ from commsgd.tasks.dataset import Dataset, DatasetSpec
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
+DIGITS_SAMPLES = 1797
+DIGITS_CLASSES = 10
+DIGITS_SHAPE = (1, 8, 8)
+DIGITS_CACHE_FORMAT = 1  # bump when the cached arrays or their preparation change
+_DIGITS_DTYPES = {"x_tr": np.float32, "y_tr": np.int64, "x_te": np.float32, "y_te": np.int64}
 SYNTHETIC_SEED = 1234
 SYNTHETIC_CLASSES = 10
 SYNTHETIC_DIM = 32
@@ -28,8 +40,8 @@ def _standardise(train: np.ndarray, test: np.ndarray, axis: int | None) -> tuple
     return (train - mean) / std, (test - mean) / std
 
 
-def load_digits_dataset() -> Dataset:
-    """1797 8x8 digit images, stratified 80/20 split, pixels in [0,1] normalised by the train mean and std.
+def _compute_digits_arrays() -> dict[str, np.ndarray]:
+    """The prepared digits arrays (x_tr, y_tr, x_te, y_te), computed with scikit-learn.
 
     One scalar mean and std: several border pixels are always zero, so per-pixel std would divide by 0.
     scikit-learn is imported here, not at module level: it (with scipy) is about 1 s of start-up that
@@ -45,13 +57,127 @@ def load_digits_dataset() -> Dataset:
         images, labels, test_size=DIGITS_TEST_FRACTION, stratify=labels, random_state=DIGITS_SPLIT_SEED
     )
     x_tr, x_te = _standardise(x_tr, x_te, axis=None)
-    spec = DatasetSpec("digits", "image", (1, 8, 8), 10)
+    return {
+        "x_tr": x_tr.reshape(-1, *DIGITS_SHAPE).astype(np.float32),
+        "y_tr": y_tr,
+        "x_te": x_te.reshape(-1, *DIGITS_SHAPE).astype(np.float32),
+        "y_te": y_te,
+    }
+
+
+def cache_dir() -> Path:
+    """Where commsgd keeps files it can recompute: $COMMSGD_CACHE_DIR, else the XDG cache directory.
+
+    That is $XDG_CACHE_HOME/commsgd, or ~/.cache/commsgd when it is unset (or, per XDG, relative).
+    """
+    explicit = os.environ.get("COMMSGD_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "commsgd"
+
+
+def _safe_version(package: str) -> str | None:
+    """The installed version of `package` as a file-name-safe string (metadata only: no import), or None."""
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not version:  # broken metadata without a Version field
+        return None
+    return re.sub(r"[^A-Za-z0-9.]", "_", version)
+
+
+def _digits_cache_path() -> Path | None:
+    """The cache file for the installed scikit-learn and numpy (split and standardisation), or None.
+
+    Both versions are in the name, so an upgrade of either never serves arrays it would not compute.
+    """
+    sklearn_version = _safe_version("scikit-learn")
+    numpy_version = _safe_version("numpy")
+    if sklearn_version is None or numpy_version is None:
+        return None
+    name = f"digits-v{DIGITS_CACHE_FORMAT}-sklearn{sklearn_version}-numpy{numpy_version}.npz"
+    try:
+        return cache_dir() / name
+    except RuntimeError:  # Path.home() when no home directory can be found
+        return None
+
+
+def _valid_digits_arrays(arrays: dict[str, np.ndarray]) -> bool:
+    """Whether `arrays` have the names, dtypes, shapes and value ranges of a prepared digits set."""
+    if sorted(arrays) != sorted(_DIGITS_DTYPES):
+        return False
+    if any(arrays[key].dtype != dtype for key, dtype in _DIGITS_DTYPES.items()):
+        return False
+    total = 0
+    for x, y in ((arrays["x_tr"], arrays["y_tr"]), (arrays["x_te"], arrays["y_te"])):
+        if y.ndim != 1 or y.size == 0 or x.shape != (y.size, *DIGITS_SHAPE):
+            return False
+        if not (np.isfinite(x).all() and y.min() >= 0 and y.max() < DIGITS_CLASSES):
+            return False
+        total += y.size
+    return total == DIGITS_SAMPLES
+
+
+def _read_digits_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays in cache file `path`, or None if it is missing, unreadable, corrupt or not a digits set.
+
+    A cache must never fail a run, so any error reading it means "not cached".
+    """
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception:  # missing, truncated, bad zip or CRC, object arrays, a bare .npy (not an archive), ...
+        return None
+    return arrays if _valid_digits_arrays(arrays) else None
+
+
+def _write_digits_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` to `path` atomically (temp file in the same directory, then os.replace).
+
+    Concurrent readers see the old file or the whole new one, never a partial write. Any OS error
+    (read-only or full disk, a file where the directory should be) leaves the cache unwritten.
+    """
+    temp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(
+                handle, x_tr=arrays["x_tr"], y_tr=arrays["y_tr"], x_te=arrays["x_te"], y_te=arrays["y_te"]
+            )
+        os.chmod(temp, 0o644)  # mkstemp makes it owner-only; others sharing the cache may read it
+        os.replace(temp, path)
+        temp = None
+    except OSError:
+        pass
+    finally:
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+
+
+def load_digits_dataset() -> Dataset:
+    """1797 8x8 digit images, stratified 80/20 split, pixels in [0,1] normalised by the train mean and std.
+
+    The prepared arrays are cached on disk (see `cache_dir`): the CLI loads the set once before starting
+    the workers, so the workers read the cache and skip importing scikit-learn.
+    """
+    path = _digits_cache_path()
+    arrays = _read_digits_cache(path) if path is not None else None
+    if arrays is None:
+        arrays = _compute_digits_arrays()
+        if path is not None:
+            _write_digits_cache(path, arrays)
+    spec = DatasetSpec("digits", "image", DIGITS_SHAPE, DIGITS_CLASSES)
     return Dataset(
         spec,
-        torch.from_numpy(x_tr.reshape(-1, 1, 8, 8).astype(np.float32)),
-        torch.from_numpy(y_tr),
-        torch.from_numpy(x_te.reshape(-1, 1, 8, 8).astype(np.float32)),
-        torch.from_numpy(y_te),
+        torch.from_numpy(arrays["x_tr"]),
+        torch.from_numpy(arrays["y_tr"]),
+        torch.from_numpy(arrays["x_te"]),
+        torch.from_numpy(arrays["y_te"]),
     )
 
 
