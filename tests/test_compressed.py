@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from commsgd.algorithms import build_algorithm, validate_params
-from commsgd.algorithms.compressed import Wire
+from commsgd.algorithms.compressed import ErrorFeedbackSGD, Wire
 from commsgd.algorithms.dist_ef_sgd import segments, slice_bounds
 from commsgd.algorithms.powersgd import planned_rank
 from commsgd.comm import Communicator
-from commsgd.compression import NonFiniteError, get
+from commsgd.compression import NonFiniteError, RandomK, get
 from commsgd.errors import ConfigError
 
 
@@ -51,9 +51,22 @@ def test_planned_rank_sends_vectors_and_non_shrinking_matrices_uncompressed() ->
 def test_aliases_are_ef_sgd_with_their_defaults() -> None:
     assert validate_params("qsgd", {})["error_feedback"] is False
     assert validate_params("topk", {})["error_feedback"] is True
-    assert validate_params("randomk", {})["ratio"] == 0.1
+    assert validate_params("randomk", {})["error_feedback"] is False
     assert validate_params("ef_sgd", {"compressor": "topk", "k": 5})["k"] == 5
+    assert validate_params("randomk", {"k": 5})["k"] == 5  # no default ratio in the way
     assert build_algorithm("fp16").params.compressor == "fp16"
+    assert isinstance(build_algorithm("qsgd"), ErrorFeedbackSGD)
+
+
+@pytest.mark.parametrize("name", ["randomk", "ef_sgd"])
+def test_randomk_defaults_to_unscaled_ten_percent(name: str) -> None:
+    # Scaled by d/k, random-k is unbiased but no contraction: with error feedback the error grows without
+    # bound, and without it the default lr diverges. Unscaled is the default of both entry points.
+    compressor = build_algorithm(name, compressor="randomk").params.build()
+    assert isinstance(compressor, RandomK)
+    assert (compressor.ratio, compressor.scaled, compressor.unbiased) == (0.1, False, False)
+    scaled = build_algorithm(name, compressor="randomk", scaled=True).params.build()
+    assert scaled.unbiased
 
 
 @pytest.mark.parametrize(
@@ -65,6 +78,9 @@ def test_aliases_are_ef_sgd_with_their_defaults() -> None:
         ("ef_sgd", {"compressor": "topk", "block_per_tensor": True}, "block_per_tensor"),
         ("ef_sgd", {"compressor": "nope"}, "unknown compressor"),
         ("dist_ef_sgd", {"compressor": "randomk"}, "shared_indices=false"),
+        ("randomk", {"ratio": 1.5}, "algo.ratio: must be <= 1"),  # an alias keeps the base's ranges
+        ("randomk", {"scaled": "yes"}, "algo.scaled"),
+        ("signum", {"lr_scale": 0}, "algo.lr_scale"),
         ("dist_ef_sgd", {"server": "two"}, "sharded"),
         ("powersgd", {"rank": 0}, ">= 1"),
     ],

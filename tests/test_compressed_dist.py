@@ -22,6 +22,8 @@ EF_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "qsgd_ef": ("qsgd", {"error_feedback": True, "bucket_size": 32}),
     "fp16": ("fp16", {}),
     "randomk": ("randomk", {"ratio": 0.2}),
+    "randomk_ef": ("ef_sgd", {"compressor": "randomk", "ratio": 0.2}),  # repeated draws, all-reduced
+    "randomk_scaled": ("randomk", {"ratio": 0.2, "scaled": True}),
 }
 
 
@@ -118,7 +120,7 @@ def _vote(ctx: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
     model = nn.Linear(9, 1, bias=False)
     nn.init.zeros_(model.weight)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0)
-    algo = commsgd.build_algorithm("signum", beta=0.0)
+    algo = commsgd.build_algorithm("signum", beta=0.0, lr_scale=0.5)
     algo.bind(ctx, model, optimizer)
     model.weight.grad = (SIGNS[ctx.rank] * (ctx.rank + 0.5)).view(1, 9)  # magnitudes do not matter
     before = ctx.comm.meter.totals().bytes_sent
@@ -132,8 +134,8 @@ def test_signum_majority_vote_of_three_workers(results: list[dict[str, Any]]) ->
     expected = torch.sign(SIGNS.sum(0))
     assert expected.abs().min() == 1  # no ties with 3 voters
     for vote, weight, sent in (r["vote"] for r in results):
-        torch.testing.assert_close(vote, expected)
-        torch.testing.assert_close(weight, -0.1 * expected)
+        torch.testing.assert_close(vote, 0.5 * expected)  # the step is lr_scale * lr per coordinate
+        torch.testing.assert_close(weight, -0.1 * 0.5 * expected)
         assert sent == 2 * 2  # all-gather of ceil(9 / 8) = 2 bytes from each of the 2 others
 
 

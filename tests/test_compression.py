@@ -37,6 +37,7 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("topk", {"k": 3}),
     ("randomk", {"ratio": 0.3}),
     ("randomk", {"ratio": 0.3, "shared_indices": False}),
+    ("randomk", {"ratio": 0.3, "scaled": True}),
     ("qsgd", {"levels": 4, "bucket_size": 6}),
     ("qsgd", {}),
     ("rounding", {"bits": 3}),
@@ -88,6 +89,7 @@ def test_unknown_name_lists_the_choices() -> None:
         ("topk", {"k": 0}, "k"),
         ("topk", {"k": 2, "ratio": 0.1}, "ratio"),
         ("randomk", {"shared_indices": "yes"}, "shared_indices"),
+        ("randomk", {"scaled": 1}, "scaled"),
         ("qsgd", {"levels": 128}, "levels"),
         ("qsgd", {"bucket_size": 0}, "bucket_size"),
         ("rounding", {"bits": 17}, "bits"),
@@ -342,12 +344,33 @@ def test_qsgd_is_unbiased() -> None:
     assert bool((samples.mean(0) - x.double()).abs().max() > 0)  # it is random, not exact
 
 
-def test_randomk_is_unbiased() -> None:
+def test_scaled_randomk_is_unbiased() -> None:
     d, k = 20, 4
     x = torch.randn(d, generator=gen(11))
-    samples = monte_carlo(get("randomk", k=k), x, 4000, tiled=False)
+    c = get("randomk", k=k, scaled=True)
+    assert c.unbiased
+    samples = monte_carlo(c, x, 4000, tiled=False)
     # C_i = (d/k) x_i Binomial(k, 1/d): variance (d/k) x_i^2 (1 - 1/d).
     assert_unbiased(samples, x, (d / k) * x.double() ** 2)
+
+
+@pytest.mark.parametrize("shared_indices", [True, False])
+def test_unscaled_randomk_keeps_drawn_coordinates_and_contracts(shared_indices: bool) -> None:
+    """Unscaled random-k is x on the drawn coordinates (once, however often drawn) and 0 elsewhere, so
+    E||x - C(x)||^2 = (1 - 1/d)^k ||x||^2 < ||x||^2: the contraction error feedback relies on."""
+    d, k, draws = 20, 8, 4000
+    c = get("randomk", k=k, shared_indices=shared_indices)
+    assert not c.unbiased
+    x = torch.randn(d, generator=gen(11))
+    g = gen(12)
+    errors = []
+    for _ in range(draws):
+        y = c.decompress(c.compress(x, generator=g))
+        kept = y != 0
+        assert torch.equal(y[kept], x[kept])
+        errors.append(sq(x - y))
+    ratio = sum(errors) / draws / sq(x)
+    assert ratio == pytest.approx((1 - 1 / d) ** k, abs=0.02)  # 0.663; scaled random-k gives (d-1)/k = 2.4
 
 
 @pytest.mark.parametrize("params", [{"bits": 2}, {"bits": 4, "step": 0.75}], ids=str)

@@ -49,6 +49,16 @@ def test_bad_params_name_the_field(name: str, params: dict[str, object], field: 
         validate_params(name, params)
 
 
+@pytest.mark.parametrize("name", ["qdsgd", "quantimed"])
+@pytest.mark.parametrize("args", [{}, {"shared_indices": False, "scaled": True}], ids=str)
+def test_randomk_is_refused_at_config_time_with_the_reason(name: str, args: dict[str, object]) -> None:
+    # It used to pass validation and fail at the first exchange (shared indices cannot travel point to
+    # point); with indices sent and d/k scaling, runs diverge, so it is refused in every form.
+    with pytest.raises(ConfigError, match=r"algo\.compressor: randomk does not suit Q-DSGD") as info:
+        validate_params(name, {"compressor": "randomk", "compressor_args": args})
+    assert "\n" not in str(info.value) and "point to point" in str(info.value)
+
+
 def test_paper_schedule_may_take_b_above_one_when_the_step_in_use_is_not() -> None:
     assert validate_params("quantimed", {"step_rule": "paper", "eps": 2.0, "horizon": 16})["eps"] == 2.0
 

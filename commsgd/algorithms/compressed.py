@@ -9,19 +9,24 @@ compressor is `summable`: fp16, none, randomk with shared indices) are all-reduc
 top-k, QSGD, ...) are all-gathered as packed bytes, and every worker decodes all of them and averages.
 The raw gradient is compressed: the local torch SGD applies momentum and weight decay to the averaged
 gradient, identically on every worker. `qsgd`, `topk`, `randomk` and `fp16` are `ef_sgd` with that
-compressor and its usual error-feedback default.
+compressor and its usual error-feedback default (`ef_alias`).
 
 `signum` (Bernstein et al. 2018): each worker keeps m = beta m + (1 - beta) g, all-gathers the packed
-signs of m, and steps x -= lr * sign(sum of the workers' signs) (a tie, possible with an even number of
-workers, leaves the coordinate unchanged). Torch momentum is off; torch weight decay stays on and is
-decoupled: x -= lr * (vote + wd x).
+signs of m, and steps x -= lr_scale * lr * sign(sum of the workers' signs) (a tie, possible with an even
+number of workers, leaves the coordinate unchanged). A sign moves every coordinate by the full step, so
+the step must be far smaller than an SGD rate: lr_scale 0.02 gives 0.001 at the trainer's lr 0.05 (the
+signSGD papers use 1e-4 to 1e-3). Torch momentum is off; torch weight decay stays on and is decoupled:
+x -= lr * (lr_scale * vote + wd x).
 
-The helpers here (`FlatGradients`, `CompressorParams`, `Wire`, `Traffic`) are shared with `dist_ef_sgd`.
+The helpers here (`FlatGradients`, `CompressorParams`, `Wire`, `Traffic`, `OwnsMomentum`) are shared with
+`dist_ef_sgd`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -90,7 +95,7 @@ class CompressorParams:
     fixed_compressor: ClassVar[str | None] = None
 
     compressor: str = "scaled_sign"
-    ratio: float | None = bounded(None, gt=0, le=1, doc="topk/randomk: fraction of coordinates sent")
+    ratio: float | None = bounded(None, gt=0, le=1, doc="topk/randomk: fraction of coordinates sent (1%/10%)")
     k: int | None = bounded(None, ge=1, doc="topk/randomk: number of coordinates sent (instead of ratio)")
     block_size: int | None = bounded(None, ge=1, doc="block_sign: elements per block")
     block_per_tensor: bool = False
@@ -98,10 +103,11 @@ class CompressorParams:
     bucket_size: int | None = bounded(None, ge=1, doc="qsgd: elements per norm bucket")
     bits: int | None = bounded(None, ge=1, le=16, doc="rounding: bits per level")
     shared_indices: bool | None = None
+    scaled: bool | None = None
     error_feedback: bool = True
 
     def compressor_kwargs(self) -> dict[str, Any]:
-        names = ("ratio", "k", "block_size", "levels", "bucket_size", "bits", "shared_indices")
+        names = ("ratio", "k", "block_size", "levels", "bucket_size", "bits", "shared_indices", "scaled")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def build(self, sizes: Sequence[int] | None = None) -> Compressor:
@@ -216,6 +222,24 @@ def load_into(name: str, target: Tensor, source: Tensor) -> None:
     target.copy_(source)
 
 
+class OwnsMomentum(Algorithm):
+    """An algorithm that applies momentum to the flat gradient itself (`signum`, `dist_ef_sgd`): the
+    trainer's torch momentum is switched off, and a torch optimizer with momentum (a user's own loop) is
+    refused, since it would apply momentum a second time."""
+
+    def optimizer_overrides(self, optim: OptimConfig) -> dict[str, Any]:
+        return {"momentum": 0.0, "nesterov": False}
+
+    def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().bind(ctx, model, optimizer)
+        if any(group.get("momentum", 0.0) for group in optimizer.param_groups):
+            raise ConfigError(
+                f"{self.name}: keeps its own momentum; build the torch optimizer with momentum=0 "
+                "(the commsgd trainer does this through optimizer_overrides)"
+            )
+        self._grads = FlatGradients(parameters_of(model))
+
+
 # ---------------------------------------------------------------------------------------- ef_sgd
 
 
@@ -284,60 +308,40 @@ class ErrorFeedbackSGD(Algorithm):
         return {"compressor": self.compressor.name, **self._traffic.summary()}
 
 
-@dataclass
-class QSGDParams(CompressorParams):
-    fixed_compressor: ClassVar[str | None] = "qsgd"
-    compressor: str = "qsgd"
-    error_feedback: bool = False
+def ef_alias(compressor: str, summary: str, **defaults: Any) -> type[ErrorFeedbackSGD]:
+    """Register the algorithm `compressor`: `ef_sgd` with that compressor fixed and `defaults` for other
+    parameters (their ranges and docs kept)."""
+    hints = typing.get_type_hints(CompressorParams)
+    base = {f.name: f for f in dataclasses.fields(CompressorParams)}
+    changed = [
+        (name, hints[name], dataclasses.field(default=value, metadata=base[name].metadata))
+        for name, value in {"compressor": compressor, **defaults}.items()
+    ]
+    made = dataclasses.make_dataclass(
+        f"{compressor}_params", changed, bases=(CompressorParams,), namespace={"fixed_compressor": compressor}
+    )
+    params = typing.cast(type[CompressorParams], made)
+
+    class Alias(ErrorFeedbackSGD):
+        name = compressor
+        summary_line = summary
+        Params = params
+
+    Alias.__name__ = Alias.__qualname__ = f"ErrorFeedbackSGD_{compressor}"
+    register(Alias)
+    return Alias
 
 
-@dataclass
-class TopKParams(CompressorParams):
-    fixed_compressor: ClassVar[str | None] = "topk"
-    compressor: str = "topk"
-
-
-@dataclass
-class RandomKParams(CompressorParams):
-    fixed_compressor: ClassVar[str | None] = "randomk"
-    compressor: str = "randomk"
-    ratio: float | None = bounded(0.1, gt=0, le=1, doc="fraction of coordinates sent (scaled by 1/ratio)")
-    error_feedback: bool = False
-
-
-@dataclass
-class FP16Params(CompressorParams):
-    fixed_compressor: ClassVar[str | None] = "fp16"
-    compressor: str = "fp16"
-    error_feedback: bool = False
-
-
-@register
-class QSGDAlgorithm(ErrorFeedbackSGD):
-    name = "qsgd"
-    summary_line = "ef_sgd with QSGD quantisation (int8 levels, no error feedback by default)"
-    Params = QSGDParams
-
-
-@register
-class TopKAlgorithm(ErrorFeedbackSGD):
-    name = "topk"
-    summary_line = "ef_sgd with top-k sparsification and error feedback"
-    Params = TopKParams
-
-
-@register
-class RandomKAlgorithm(ErrorFeedbackSGD):
-    name = "randomk"
-    summary_line = "ef_sgd with random-k sparsification (shared indices, all-reduced, no error feedback)"
-    Params = RandomKParams
-
-
-@register
-class FP16Algorithm(ErrorFeedbackSGD):
-    name = "fp16"
-    summary_line = "ef_sgd with float16 gradients (all-reduced)"
-    Params = FP16Params
+QSGDAlgorithm = ef_alias(
+    "qsgd", "ef_sgd with QSGD quantisation (int8 levels, no error feedback by default)", error_feedback=False
+)
+TopKAlgorithm = ef_alias("topk", "ef_sgd with top-k sparsification and error feedback")
+RandomKAlgorithm = ef_alias(
+    "randomk",
+    "ef_sgd with random-k sparsification (10%, unscaled, shared indices, all-reduced, no error feedback)",
+    error_feedback=False,
+)
+FP16Algorithm = ef_alias("fp16", "ef_sgd with float16 gradients (all-reduced)", error_feedback=False)
 
 
 # ---------------------------------------------------------------------------------------- signum
@@ -346,26 +350,23 @@ class FP16Algorithm(ErrorFeedbackSGD):
 @dataclass
 class SignumParams:
     beta: float = bounded(0.9, ge=0, lt=1, doc="signum's own momentum (torch momentum is off)")
+    lr_scale: float = bounded(
+        0.02, gt=0, le=1, doc="step per coordinate = lr_scale * lr: a sign is 1 where a gradient is small"
+    )
 
 
 @register
-class Signum(Algorithm):
+class Signum(OwnsMomentum):
     """signSGD with momentum and majority vote: 1 bit per coordinate and worker, all-gathered."""
 
     name = "signum"
-    summary_line = "signSGD with momentum, packed signs all-gathered, majority vote (x -= lr * vote)"
+    summary_line = "signSGD with momentum, packed signs all-gathered, majority vote (x -= lr_scale*lr*vote)"
     Params = SignumParams
     params: SignumParams
 
-    def optimizer_overrides(self, optim: OptimConfig) -> dict[str, Any]:
-        return {"momentum": 0.0, "nesterov": False}
-
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
-        require_no_torch_momentum(self.name, optimizer)
-        self._grads = FlatGradients(parameters_of(model))
         self.compressor = get("sign")
-        self._wire = Wire(self.compressor, self._grads.numel)
         self._momentum = torch.zeros_like(self._grads.buffer)
         self._traffic = Traffic.for_allreduce(self._grads.numel, ctx.world_size)
 
@@ -380,7 +381,7 @@ class Signum(Algorithm):
             votes = torch.zeros_like(g)
             for row in rows:
                 votes.add_(unpack_signs(row, g.numel()))
-            self._grads.scatter(votes.sign_())
+            self._grads.scatter(votes.sign_().mul_(self.params.lr_scale))
 
     def state_dict(self) -> dict[str, Any]:
         return {"momentum": self._momentum.clone(), "traffic": self._traffic.state_dict()}
@@ -393,19 +394,11 @@ class Signum(Algorithm):
         return self._traffic.summary()
 
 
-def require_no_torch_momentum(name: str, optimizer: torch.optim.Optimizer) -> None:
-    """Refuse a torch optimizer that applies momentum on top of an algorithm that owns momentum."""
-    if any(group.get("momentum", 0.0) for group in optimizer.param_groups):
-        raise ConfigError(
-            f"{name}: keeps its own momentum; build the torch optimizer with momentum=0 "
-            "(the commsgd trainer does this through optimizer_overrides)"
-        )
-
-
 __all__ = [
     "CompressorParams",
     "ErrorFeedbackSGD",
     "FlatGradients",
+    "OwnsMomentum",
     "Signum",
     "Traffic",
     "Wire",

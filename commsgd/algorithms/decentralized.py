@@ -85,6 +85,12 @@ class QuantizedParams(GossipParams):
 
     def validate(self) -> None:
         super().validate()
+        if self.compressor == "randomk":  # scaled it diverges (measured); unscaled it is biased
+            raise ConfigError(
+                "algo.compressor: randomk does not suit Q-DSGD: scaled to be unbiased its noise is "
+                "(d/k - 1)||x||^2 on whole models, and its shared indices do not travel point to point; "
+                "use rounding or qsgd"
+            )
         compressor = get_compressor(self.compressor, **self.compressor_args)
         if self.step_rule == "constant" or self.horizon:
             used = self.eps / math.sqrt(self.horizon) if self.step_rule == "paper" else self.eps

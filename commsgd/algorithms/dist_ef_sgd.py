@@ -33,20 +33,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from commsgd.algorithms.base import Algorithm, register
+from commsgd.algorithms.base import register
 from commsgd.algorithms.compressed import (
     CompressorParams,
-    FlatGradients,
+    OwnsMomentum,
     Traffic,
     Wire,
     derived_seed,
     load_into,
-    require_no_torch_momentum,
 )
 from commsgd.compression import QSGD, BlockSign, Compressor
-from commsgd.config import OptimConfig, bounded
+from commsgd.config import bounded
 from commsgd.errors import ConfigError
-from commsgd.flat import parameters_of
 
 if TYPE_CHECKING:
     from commsgd.context import WorkerContext
@@ -112,7 +110,7 @@ def alignment(compressor: Compressor) -> int:
 
 
 @register
-class DistEFSGD(Algorithm):
+class DistEFSGD(OwnsMomentum):
     """Two-way compressed SGD with Nesterov momentum and error feedback on both sides."""
 
     name = "dist_ef_sgd"
@@ -120,15 +118,9 @@ class DistEFSGD(Algorithm):
     Params = DistEFParams
     params: DistEFParams
 
-    def optimizer_overrides(self, optim: OptimConfig) -> dict[str, Any]:
-        return {"momentum": 0.0, "nesterov": False}
-
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
-        require_no_torch_momentum(self.name, optimizer)
-        params = parameters_of(model)
-        self._grads = FlatGradients(params)
-        self._decay = take_weight_decay(optimizer, params)
+        self._decay = take_weight_decay(optimizer, self._grads.params)
         numel, world = self._grads.numel, ctx.world_size
         if self.params.server == "sharded":
             probe = self.params.build(self._grads.numels)

@@ -67,11 +67,11 @@ class Compressor(ABC):
     All arithmetic is in float32 on the input's device; `decompress` returns the input's dtype and shape.
     `unbiased`: E[decompress(compress(x))] = x over the randomness drawn from `generator`.
     `summable`: payloads of several workers added buffer by buffer (an all-reduce) decompress to the sum
-    of their decompressions. It is an instance attribute because for randomk it depends on a parameter.
+    of their decompressions. Both are instance attributes because for randomk they depend on parameters.
     """
 
     name: ClassVar[str]
-    unbiased: ClassVar[bool] = False
+    unbiased: bool = False
     summable: bool = False
 
     def compress(

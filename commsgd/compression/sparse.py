@@ -12,12 +12,14 @@ _MAX_INT32_NUMEL = 2**31 - 1
 
 
 class Sparsifier(Compressor):
-    """Common part of topk and randomk: how many coordinates to keep, and scatter-adding them back.
+    """Common part of topk and randomk: how many coordinates to keep, and scattering them back.
 
-    k is `k` when given, else round(ratio * d) clipped to [1, d] (ratio defaults to 0.01).
+    k is `k` when given, else round(ratio * d) clipped to [1, d] (ratio defaults to `default_ratio`).
     """
 
     default_ratio = 0.01
+    #: a coordinate sent twice: its values add up (True), or they are equal copies and one stands (False)
+    repeats_add = False
 
     def __init__(self, ratio: float | None = None, k: int | None = None) -> None:
         if ratio is not None and k is not None:
@@ -44,7 +46,8 @@ class Sparsifier(Compressor):
     def _decode(self, payload: Payload) -> Tensor:
         values = payload.buffers["values"]
         out = torch.zeros(payload.numel, dtype=torch.float32, device=values.device)
-        return out.index_add_(0, self._indices(payload).to(torch.int64), values)
+        indices = self._indices(payload).to(torch.int64)
+        return out.index_put_((indices,), values, accumulate=self.repeats_add)
 
 
 class TopK(Sparsifier):
@@ -89,11 +92,18 @@ def top_magnitude_indices(flat: Tensor, k: int, probe_size: int = 8192) -> Tenso
 
 
 class RandomK(Sparsifier):
-    """k coordinates drawn uniformly at random, scaled by d/k: unbiased, E||C(x) - x||^2 = (d-1)/k ||x||^2.
+    """k coordinates drawn uniformly at random, as they are or scaled by d/k.
 
-    Coordinates are drawn with replacement (a repeated coordinate is added twice), which keeps the draw at
-    O(k) where sampling without replacement (torch.randperm) costs O(d) per call. The draw comes from
-    `generator`, so workers whose generators are in the same state pick the same coordinates.
+    - `scaled=False` (default): C(x) = x on the drawn coordinates, 0 elsewhere. Biased, but a contraction,
+      E||x - C(x)||^2 = (1 - 1/d)^k ||x||^2, which is what error feedback needs (Stich et al. 2018).
+    - `scaled=True`: each draw adds (d/k) x_i. Unbiased, but E||C(x) - x||^2 = (d-1)/k ||x||^2: larger
+      than ||x||^2 itself, so error feedback diverges with it, and without error feedback it needs a
+      smaller learning rate. For schemes that need an unbiased compressor.
+
+    Coordinates are drawn with replacement, which keeps the draw at O(k) where sampling without
+    replacement (torch.randperm) costs O(d) per call; a coordinate drawn twice is kept once (unscaled) or
+    added twice (scaled). The draw comes from `generator`, so workers whose generators are in the same
+    state pick the same coordinates.
 
     With `shared_indices` (default) the indices do not travel: they sit in `payload.shared`, the wire
     carries only the values, and payloads are summable. A receiver decompresses a received or all-reduced
@@ -101,14 +111,22 @@ class RandomK(Sparsifier):
     """
 
     name = "randomk"
-    unbiased = True
+    default_ratio = 0.1  # 1% (topk's default) would leave each coordinate unsent for ~100 steps on average
 
-    def __init__(self, ratio: float | None = None, k: int | None = None, shared_indices: bool = True) -> None:
+    def __init__(
+        self,
+        ratio: float | None = None,
+        k: int | None = None,
+        shared_indices: bool = True,
+        scaled: bool = False,
+    ) -> None:
         super().__init__(ratio=ratio, k=k)
-        if not isinstance(shared_indices, bool):
-            raise ConfigError(f"{self.name}: shared_indices must be true or false, got {shared_indices!r}")
-        self.shared_indices = shared_indices
+        for flag, value in (("shared_indices", shared_indices), ("scaled", scaled)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{self.name}: {flag} must be true or false, got {value!r}")
+        self.shared_indices, self.scaled = shared_indices, scaled
         self.summable = shared_indices
+        self.unbiased = self.repeats_add = scaled
 
     def draw_indices(
         self, numel: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
@@ -130,7 +148,8 @@ class RandomK(Sparsifier):
             self._check_size(flat.numel())
         check_finite(self.name, *torch.aminmax(flat))
         indices = self.draw_indices(flat.numel(), generator, flat.device)
-        payload.buffers["values"] = flat[indices].mul_(flat.numel() / indices.numel())
+        values = flat[indices]  # advanced indexing copies: the buffer never aliases the input
+        payload.buffers["values"] = values.mul_(flat.numel() / indices.numel()) if self.scaled else values
         if self.shared_indices:
             payload.shared["indices"] = indices
         else:
