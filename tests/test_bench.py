@@ -183,3 +183,18 @@ def test_paper_runs_cnn7_on_a_cifar10_directory(tmp_path: Path) -> None:
         cfg = yaml.safe_load(config.read_text())
         assert cfg["model"] == "cnn7" and cfg["data"]["dataset"] == "cifar10"
         assert cfg["data"]["data_dir"] == str(data)
+
+
+def test_a_cluster_train_job_is_not_indexed_as_a_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    import commsgd.bench as bench
+
+    monkeypatch.setattr(bench, "_module", lambda name: types.SimpleNamespace(run=lambda env, args: "ran"))
+    common = {"out": str(tmp_path), "quick": False, "data_dir": None, "keep_runs": False}
+    bench.run_one("cluster", argparse.Namespace(**common, train=["--out", "x"]), "cmd")
+    assert not (tmp_path / "index.md").exists()
+    bench.run_one("cluster", argparse.Namespace(**common, train=None), "cmd")
+    assert "ran" in (tmp_path / "index.md").read_text()

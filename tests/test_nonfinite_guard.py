@@ -55,3 +55,25 @@ def test_bad_step_counters_are_saved_and_restored() -> None:
     del state["bad_in_a_row"], state["bad_steps"]  # a checkpoint from before the counters were saved
     fresh.load_state_dict(state)
     assert (fresh.bad_in_a_row, fresh.bad_steps) == (0, 0)
+
+
+def test_the_check_leaves_values_untouched_and_ignores_integers() -> None:
+    tensors = [torch.randn(4, 3), torch.randn(5, dtype=torch.float64), torch.arange(3)]
+    before = [t.clone() for t in tensors]
+    assert all_finite(tensors)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before))
+    assert all_finite([torch.arange(5), torch.zeros(2, dtype=torch.uint8)])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_the_summing_fallback_catches_the_same(monkeypatch: pytest.MonkeyPatch, bad: float) -> None:
+    """Where torch's fused check is missing (a dtype or device it lacks), the sums decide alike."""
+
+    def missing(*_: object) -> None:
+        raise NotImplementedError("no kernel")
+
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", missing)
+    tensors = [torch.randn(3), torch.randn(2, 2)]
+    assert all_finite(tensors)
+    tensors[1][1, 0] = bad
+    assert not all_finite(tensors)

@@ -94,7 +94,8 @@ def run_one(name: str, args: argparse.Namespace, command: str) -> str:
     headline = str(_module(name).run(env, args))
     seconds = time.perf_counter() - start
     print(f"bench {name}: {headline} ({seconds:.0f} s)", file=sys.stderr, flush=True)
-    update_index(env, name, headline, seconds)
+    if not getattr(args, "train", None):  # `cluster --train` runs a user's job: no result to index
+        update_index(env, name, headline, seconds)
     return headline
 
 
