@@ -25,14 +25,17 @@ class FlatBuffer:
         self.buffer = torch.empty(
             sum(self.numels), dtype=self.tensors[0].dtype, device=self.tensors[0].device
         )
+        self._own_views = self._slice(self.buffer)  # made once: unpack runs every step
 
     @property
     def numel(self) -> int:
         return self.buffer.numel()
 
-    def views(self, buffer: torch.Tensor | None = None) -> list[torch.Tensor]:
-        flat = self.buffer if buffer is None else buffer
+    def _slice(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [chunk.view_as(t) for chunk, t in zip(flat.split(self.numels), self.tensors)]
+
+    def views(self, buffer: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return list(self._own_views) if buffer is None else self._slice(buffer)
 
     def pack(self, tensors: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Copy `tensors` (default: the mirrored ones) into the buffer and return it."""
@@ -42,8 +45,11 @@ class FlatBuffer:
 
     def unpack(self, buffer: torch.Tensor | None = None, into: Sequence[torch.Tensor] | None = None) -> None:
         """Copy `buffer` (default: the own buffer) back into `into` (default: the mirrored tensors)."""
-        for view, t in zip(self.views(buffer), self.tensors if into is None else into):
-            t.copy_(view)
+        targets = self.tensors if into is None else list(into)
+        if len(targets) != len(self.tensors):
+            raise ValueError(f"FlatBuffer.unpack: {len(targets)} tensors given, {len(self.tensors)} expected")
+        sources = self._own_views if buffer is None else self._slice(buffer)
+        torch._foreach_copy_(targets, sources)  # one call instead of a copy_ per tensor
 
 
 def by_dtype(tensors: Sequence[torch.Tensor]) -> list[FlatBuffer]:
