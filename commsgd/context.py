@@ -61,6 +61,9 @@ class Heartbeat:
         self.wait_s = max(1.0, 3 * interval_s)
         try:
             beat_store = store.clone()  # the training thread keeps using `store`
+            # A beat blocked in the store for longer than `halt` waits would leave the thread inside
+            # C++ when the interpreter exits, and that aborts the process: bound each call.
+            beat_store.set_timeout(timedelta(seconds=max(1.0, interval_s)))
         except (AttributeError, RuntimeError, NotImplementedError):
             beat_store = store
         self._beat_store = beat_store
@@ -73,10 +76,8 @@ class Heartbeat:
     def _run(self) -> None:
         key = f"heartbeat/rank{self.rank}"
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(Exception):  # a slow or vanished store: try again next beat
                 self._beat_store.add(key, 1)
-            except Exception:  # the store is gone: there is nobody left to tell
-                return
             self._stop.wait(self.interval_s)
 
     def report(self, status: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -42,3 +43,47 @@ def test_the_exit_hook_halts_running_heartbeats_without_a_status() -> None:
     context._halt_heartbeats_at_exit()
     assert not heartbeat._thread.is_alive() and heartbeat not in context._RUNNING
     assert not store.check(["status/rank0"])  # halted, not "exited": the process may be failing
+
+
+def test_beats_use_a_bounded_connection_of_their_own() -> None:
+    """Each beat waits at most max(1 s, interval) for the store, on a clone; the job store keeps its own."""
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True, timeout=timedelta(seconds=30))
+    heartbeat = context.Heartbeat(store, 0, 2, 2.0)
+    try:
+        assert heartbeat._beat_store is not store
+        assert heartbeat._beat_store.timeout == timedelta(seconds=2)
+        assert store.timeout == timedelta(seconds=30)
+    finally:
+        heartbeat.halt()
+
+
+def test_a_failed_beat_does_not_end_the_heartbeat() -> None:
+    """A store call that fails once (slow or briefly unreachable store) is retried at the next beat."""
+
+    class FlakyStore:
+        def __init__(self) -> None:
+            self.calls, self.counts = 0, 0
+
+        def clone(self) -> FlakyStore:
+            return self
+
+        def set_timeout(self, _: timedelta) -> None:
+            pass
+
+        def add(self, _key: str, amount: int) -> int:
+            self.calls += 1
+            if self.calls <= 2:
+                raise RuntimeError("timed out")
+            self.counts += amount
+            return self.counts
+
+    store = FlakyStore()
+    heartbeat = context.Heartbeat(store, 0, 2, 0.01)
+    try:
+        for _ in range(500):
+            if store.counts >= 3:
+                break
+            threading.Event().wait(0.01)
+    finally:
+        heartbeat.halt()
+    assert store.counts >= 3
