@@ -9,6 +9,7 @@ import argparse
 import ipaddress
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -198,3 +199,28 @@ def test_a_cluster_train_job_is_not_indexed_as_a_result(
     assert not (tmp_path / "index.md").exists()
     bench.run_one("cluster", argparse.Namespace(**common, train=None), "cmd")
     assert "ran" in (tmp_path / "index.md").read_text()
+
+
+def test_scaling_on_the_cluster_gives_every_worker_its_own_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from commsgd.bench import scaling
+
+    placed: list[tuple[str, int, int, list[str]]] = []
+
+    def on_cluster(env: BenchEnv, bench: str, job: Any, nodes: int, procs: int, gbps: float) -> None:
+        placed.append((job.name, nodes, procs, list(job.overrides)))
+
+    monkeypatch.setattr(cl, "run_on_cluster", on_cluster)
+    monkeypatch.setattr(scaling, "run_jobs", lambda env, bench, jobs: {})
+    monkeypatch.setattr(scaling, "available", lambda env, names, bench: ["allreduce", "lsgd"])
+    args = argparse.Namespace(workers=[1, 2, 4], steps=5, gbps=1.0, target_error=0.06, cluster=True)
+    scaling.run(BenchEnv(tmp_path), args)
+    assert [(n, k, p) for n, k, p, _ in placed] == [
+        ("allreduce-2", 2, 1),
+        ("allreduce-4", 4, 1),
+        ("lsgd-2", 2, 1),
+        ("lsgd-4", 4, 1),
+    ]
+    assert not [o for *_, overrides in placed for o in overrides if o.startswith(("network.", "cluster."))]
+    assert "emulated cluster" in (tmp_path / "scaling.md").read_text()

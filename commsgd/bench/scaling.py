@@ -1,5 +1,6 @@
 """scaling: throughput and time-to-target vs number of workers (1, 2, 4, 8) for allreduce, LSGD and
-PowerSGD, every worker its own node behind a 1 Gbit/s link (the in-process network model).
+PowerSGD, every worker its own node behind a 1 Gbit/s link: the in-process network model, or with
+--cluster the emulated cluster (one network namespace per worker, tbf-shaped veth links).
 
 On a 2-core machine more than 2 workers share cores, so throughput cannot grow with the worker count
 there: these runs show what communication and synchronisation cost as the job widens, not parallel
@@ -24,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="steps per worker (default 300; quick 10)")
     parser.add_argument("--gbps", type=float, default=1.0)
     parser.add_argument("--target-error", type=float, default=0.06, help="default 0.06 (6 %% on digits)")
+    parser.add_argument(
+        "--cluster", action="store_true", help="run on the emulated cluster, one node per worker (root)"
+    )
 
 
 def run(env: BenchEnv, args: argparse.Namespace) -> str:
@@ -34,8 +38,16 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     base = ["model=mlp", f"eval_every={max(steps // 20, 1)}"]
     network = ["network.enabled=true", f"network.inter_gbps={args.gbps}", "cluster.group_size=1"]
     jobs = [Job("sgd-1", "sgd", 1, steps, base)] if 1 in counts else []
-    jobs += [Job(f"{a}-{w}", a, w, steps, base + network) for a in algos for w in counts if w > 1]
-    runs = run_jobs(env, "scaling", jobs)
+    wide = [Job(f"{a}-{w}", a, w, steps, base + network) for a in algos for w in counts if w > 1]
+    if args.cluster:  # real shaped links: one node per worker, no network model
+        from commsgd.bench.cluster import run_on_cluster
+
+        runs = run_jobs(env, "scaling", jobs)
+        for job in wide:
+            job.overrides = base
+            runs[job.name] = run_on_cluster(env, "scaling", job, job.workers, 1, args.gbps)
+    else:
+        runs = run_jobs(env, "scaling", jobs + wide)
     target = args.target_error
     rows, series, data = [], {}, {}
     for algo in algos:
@@ -69,10 +81,11 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         "wall time",
     ]
     _plot(env, series, target)
+    links = "emulated cluster: tbf-shaped veth links" if args.cluster else "network model"
     body = "\n".join(
         [
             f"mlp on digits, {steps} steps per worker, batch 32 per worker, every worker its own node at "
-            f"{args.gbps} Gbit/s (network model), default parameters. Samples/s = all workers' samples / "
+            f"{args.gbps} Gbit/s ({links}), default parameters. Samples/s = all workers' samples / "
             "wall time.",
             "",
             md_table(headers, rows),
