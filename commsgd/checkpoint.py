@@ -11,10 +11,8 @@ older step, with a warning.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 
 from commsgd.errors import CheckpointError
+from commsgd.files import write_atomically
 
 _STEP_DIR = re.compile(r"^step(\d{8})$")
 
@@ -35,31 +34,10 @@ def checkpoint_path(run_dir: Path, step: int, rank: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, step: int, rank: int, state: dict[str, Any]) -> Path:
-    """Write one worker's state for `step` atomically (temp file + fsync + rename)."""
+    """Write one worker's state for `step` atomically and durably (temp file + fsync + rename)."""
     path = checkpoint_path(run_dir, step, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".rank{rank}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    write_atomically(path, lambda handle: torch.save(state, handle), durable=True)
     return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable: flush the directory entry too (where the platform allows it)."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def saved_steps(run_dir: Path, rank: int) -> list[int]:

@@ -22,6 +22,8 @@ from typing import IO, Any
 
 import torch
 
+from commsgd.files import write_atomically
+
 
 class JsonlLog:
     """An append-only JSON-lines file that can be cut back to a step (used after a resume)."""
@@ -80,9 +82,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")), mode=0o644)
 
 
 def human_bytes(n: float) -> str:

@@ -228,7 +228,8 @@ class Trainer:
             start = time.perf_counter()
             self.step += 1
             loss_value = self.step_fn.step(step=self.step, next_batch=self._next_batch)
-            if not self.algo.draws_batches:  # those spend the slowdown inside their computation
+            # An algorithm that draws its own batches spends the slowdown inside its computation.
+            if self.algo.slowdown.active and not self.algo.draws_batches:
                 now = comm.totals()
                 in_comm = now.comm_s + now.wait_s - spent_in_comm
                 self._sleep(self.algo.slowdown.delay(time.perf_counter() - start - in_comm))

@@ -224,3 +224,14 @@ def test_scaling_on_the_cluster_gives_every_worker_its_own_node(
     ]
     assert not [o for *_, overrides in placed for o in overrides if o.startswith(("network.", "cluster."))]
     assert "emulated cluster" in (tmp_path / "scaling.md").read_text()
+
+
+@pytest.mark.parametrize("text", ["-1", "0", "abc", "nan", "inf"])
+def test_a_bad_quantimed_deadline_is_refused_before_any_run(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "stragglers", "--deadline", text, "--out", "/nonexistent/never-written"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--deadline" in err

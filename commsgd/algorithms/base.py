@@ -59,6 +59,10 @@ class Slowdown:
     factor: float = 1.0
     extra_s: float = 0.0
 
+    @property
+    def active(self) -> bool:
+        return self.factor != 1.0 or self.extra_s > 0.0
+
     def delay(self, compute_s: float, *, per_step: bool = True) -> float:
         """Seconds to sleep for `compute_s` of real compute (`per_step`: include the per-step extra)."""
         return (self.factor - 1.0) * compute_s + (self.extra_s if per_step else 0.0)

@@ -38,13 +38,13 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     base = ["model=mlp", f"eval_every={max(steps // 20, 1)}"]
     network = ["network.enabled=true", f"network.inter_gbps={args.gbps}", "cluster.group_size=1"]
     jobs = [Job("sgd-1", "sgd", 1, steps, base)] if 1 in counts else []
-    wide = [Job(f"{a}-{w}", a, w, steps, base + network) for a in algos for w in counts if w > 1]
-    if args.cluster:  # real shaped links: one node per worker, no network model
+    links = [] if args.cluster else network  # on the cluster the links are real: no network model
+    wide = [Job(f"{a}-{w}", a, w, steps, base + links) for a in algos for w in counts if w > 1]
+    if args.cluster:
         from commsgd.bench.cluster import run_on_cluster
 
         runs = run_jobs(env, "scaling", jobs)
-        for job in wide:
-            job.overrides = base
+        for job in wide:  # one node per worker
             runs[job.name] = run_on_cluster(env, "scaling", job, job.workers, 1, args.gbps)
     else:
         runs = run_jobs(env, "scaling", jobs + wide)
@@ -81,11 +81,11 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         "wall time",
     ]
     _plot(env, series, target)
-    links = "emulated cluster: tbf-shaped veth links" if args.cluster else "network model"
+    link_kind = "emulated cluster: tbf-shaped veth links" if args.cluster else "network model"
     body = "\n".join(
         [
             f"mlp on digits, {steps} steps per worker, batch 32 per worker, every worker its own node at "
-            f"{args.gbps} Gbit/s ({links}), default parameters. Samples/s = all workers' samples / "
+            f"{args.gbps} Gbit/s ({link_kind}), default parameters. Samples/s = all workers' samples / "
             "wall time.",
             "",
             md_table(headers, rows),

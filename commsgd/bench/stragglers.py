@@ -25,13 +25,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slow-factor", type=float, default=3.0)
     parser.add_argument("--target-error", type=float, default=0.06)
     parser.add_argument(
-        "--deadline", type=float, help="QuanTimed-DSGD deadline in seconds (default: from the D-PSGD run)"
+        "--deadline",
+        type=seconds,
+        help="QuanTimed-DSGD deadline in seconds (default: from the D-PSGD run)",
     )
 
 
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0 seconds")
+    return value
+
+
 BATCH = 32
-#: QuanTimed-DSGD's mini-batches are this many times smaller, so that a deadline holds several
-DEADLINE_BATCH_DIVISOR = 4
+#: QuanTimed-DSGD's mini-batches: a quarter of BATCH, so that a deadline holds several
+TIMED_BATCH = BATCH // 4
 
 
 def variants(env: BenchEnv) -> list[tuple[str, str, list[str]]]:
@@ -55,7 +68,7 @@ def timed_text(deadline: float | None, ran: bool) -> str:
         return ""
     return (
         f"QuanTimed-DSGD: deadline {deadline * 1e3:.2f} ms (a fast worker's compute per D-PSGD step), "
-        f"mini-batches of {max(BATCH // DEADLINE_BATCH_DIVISOR, 1)}. "
+        f"mini-batches of {TIMED_BATCH}. "
     )
 
 
@@ -82,9 +95,8 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         if deadline is None:
             env.note("stragglers: no D-PSGD run to time; QuanTimed-DSGD runs with its default deadline")
         else:
-            batch = max(BATCH // DEADLINE_BATCH_DIVISOR, 1)
-            job.overrides += [f"algo.deadline_s={deadline:.6f}", f"data.batch_size={batch}"]
-            env.log(f"quantimed: deadline {deadline * 1e3:.2f} ms, mini-batches of {batch}")
+            job.overrides += [f"algo.deadline_s={deadline:.6f}", f"data.batch_size={TIMED_BATCH}"]
+            env.log(f"quantimed: deadline {deadline * 1e3:.2f} ms, mini-batches of {TIMED_BATCH}")
     runs.update(run_jobs(env, "stragglers", timed))
     ok = [r for r in runs.values() if r is not None]
     rows, data = [], {}

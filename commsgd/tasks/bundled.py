@@ -9,12 +9,12 @@ import contextlib
 import importlib.metadata
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from commsgd.files import write_atomically
 from commsgd.tasks.dataset import Dataset, DatasetSpec
 
 DIGITS_SPLIT_SEED = 0
@@ -135,28 +135,19 @@ def _read_digits_cache(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def _write_digits_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write `arrays` to `path` atomically (temp file in the same directory, then os.replace).
+    """Write `arrays` to `path` atomically, readable by everyone sharing the cache.
 
     Concurrent readers see the old file or the whole new one, never a partial write. Any OS error
     (read-only or full disk, a file where the directory should be) leaves the cache unwritten.
     """
-    temp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(
+    with contextlib.suppress(OSError):
+        write_atomically(
+            path,
+            lambda handle: np.savez(
                 handle, x_tr=arrays["x_tr"], y_tr=arrays["y_tr"], x_te=arrays["x_te"], y_te=arrays["y_te"]
-            )
-        os.chmod(temp, 0o644)  # mkstemp makes it owner-only; others sharing the cache may read it
-        os.replace(temp, path)
-        temp = None
-    except OSError:
-        pass
-    finally:
-        if temp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
+            ),
+            mode=0o644,
+        )
 
 
 def load_digits_dataset() -> Dataset:
