@@ -15,13 +15,16 @@ with opt.evaluated_parameters():                       # the center variable
 Deadline-based algorithms (quantimed) draw their own mini-batches: call
 `opt.step(next_batch=draw)` where each `draw()` loads the next batch and returns
 `commsgd.MiniBatch(lambda: F.cross_entropy(model(x), y), len(y))`; every algorithm accepts this form.
+
+Gradient accumulation over k micro-batches works as with DDP: k `backward()` calls, then one
+`opt.step(loss)`; `with opt.no_sync(): loss.backward()` on the first k-1 skips their communication.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ import torch
 from commsgd.algorithms.base import Algorithm, MiniBatch, NextBatch
 from commsgd.config import ClusterConfig, NetworkConfig
 from commsgd.context import WorkerContext, create_context
+from commsgd.finite import all_finite
 
 
 def init(
@@ -44,52 +48,82 @@ def init(
 
 
 class NonFiniteError(RuntimeError):
-    """Training stopped on a non-finite loss or gradient (policy `stop`, or too many bad steps in a row)."""
+    """Training stopped on a non-finite loss or gradient (policy `stop`, or too many bad steps in a row).
+
+    `job_wide`: the bad values came back from communication, so every worker stops at the same step
+    with the same finding (the launcher then says it once)."""
+
+    def __init__(self, message: str, *, job_wide: bool = False) -> None:
+        super().__init__(message)
+        self.job_wide = job_wide
 
 
 NONFINITE_POLICIES = ("skip", "stop")
 
+#: a bad step found in the communicated gradient: the same on every worker (all skip or stop together)
+AFTER_COMMUNICATION = "gradient after communication"
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+class BufferSnapshot:
+    """The model's buffers (batch-norm statistics) as they were before a step's first forward pass in
+    training mode, so that a skipped step can put them back.
 
-def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite (no NaN, no +-Inf), with one sync.
-
-    Runs twice a step in `CommOptimizer.step`, so it must be cheap on models with many small tensors:
-    floating tensors on one device go through torch's fused multi-tensor non-finite check (the one
-    AMP's grad scaler uses, with a scale of 1, which leaves the values as they are); anything else is
-    checked by summing each tensor (a NaN or an Inf anywhere makes the sum non-finite; a sum of finite
-    float32 values overflows only near 3.4e38, where a step is useless anyway). Integer tensors are
-    always finite.
+    A forward pass on a bad batch writes NaN into the running statistics before the guard sees the
+    loss; without this, LSGD would broadcast them and model-averaging algorithms average them in.
+    Costs one fused copy of the buffers per step (small next to the parameters in the usual models).
     """
-    floats = [t for t in tensors if t.is_floating_point()]
-    if not floats:
-        return True
-    device = floats[0].device
-    if all(t.device == device for t in floats):
-        found = torch.zeros((), device=device)
-        try:
-            torch._amp_foreach_non_finite_check_and_unscale_(floats, found, torch.ones((), device=device))
-        except (RuntimeError, NotImplementedError):  # a dtype or device the fused kernel lacks
-            pass
-        else:
-            return not bool(found)
-    sums = [t.sum(dtype=torch.float32) if t.dtype in _LOW_PRECISION else t.sum() for t in floats]
-    return bool(torch.stack(sums).sum().isfinite())
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.due = True  # the next training forward pass takes a snapshot
+        # Where each buffer lives (its module's buffer dict and name): walking the module tree costs
+        # more than the copy, so it is done once, and a buffer replaced since (`module.to`) is noticed.
+        self._slots: list[tuple[dict[str, Any], str]] | None = None
+        self._live: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] = []
+        model.register_forward_pre_hook(self._before_forward)
+
+    def _before_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if self.due and module.training:
+            self.take()
+
+    def take(self) -> None:
+        if self._slots is None or any(d.get(k) is not t for (d, k), t in zip(self._slots, self._live)):
+            self._slots = [
+                (m._buffers, k) for m in self.model.modules() for k, b in m._buffers.items() if b is not None
+            ]
+            self._live = [d[k] for d, k in self._slots]
+            self._saved = [b.detach().clone() for b in self._live]
+        elif self._live:
+            torch._foreach_copy_(self._saved, self._live)
+        self.due = False
+
+    def changed(self) -> list[torch.Tensor]:
+        """The buffers the forward passes of this step may have written (none without a snapshot)."""
+        return [] if self.due else self._live
+
+    def restore(self) -> None:
+        """Put the buffers back as they were before this step's forward passes."""
+        if not self.due and self._live:
+            with torch.no_grad():
+                torch._foreach_copy_(self._live, self._saved)
 
 
 class CommOptimizer:
     """A torch optimizer wrapped so that each `step` runs the algorithm's hooks around the local update.
 
-    Non-finite values: when this worker's loss or gradient is NaN/Inf, its gradient is replaced by
-    zeros before the algorithm's hooks run, so it still takes part in every collective (the others
-    would wait for it) but contributes nothing, and the algorithm gets an infinite loss in
+    Non-finite values: when this worker's loss, gradient or model buffers (batch-norm statistics) are
+    NaN/Inf, its gradient is replaced by zeros and its buffers by their values before the step's
+    forward passes, before the algorithm's hooks run, so it still takes part in every collective (the
+    others would wait for it) but contributes nothing, and the algorithm gets an infinite loss in
     `after_step` (never the best worker, never the leader). A gradient that comes back non-finite
     from communication (e.g. an all-reduce started during backward) is zeroed the same way, on every
     worker alike. `nonfinite="skip"` goes on and stops after `max_bad_steps` bad steps in a row;
     `"stop"` stops at the first one. Either way a ``nonfinite`` event is logged, and stopping raises
     `NonFiniteError`.
+
+    Gradient accumulation: several backward passes before one `step` communicate the accumulated sum
+    (DDP's result); wrap the first passes in `no_sync()` to skip their communication.
     """
 
     def __init__(
@@ -111,6 +145,7 @@ class CommOptimizer:
         self.bad_in_a_row = 0
         self.bad_steps = 0
         self.steps = 0
+        self.buffers = BufferSnapshot(model)
         if algorithm.ctx is None:
             algorithm.bind(ctx, model, optimizer)
 
@@ -150,24 +185,47 @@ class CommOptimizer:
             value.backward()
             loss = value
         loss_value = float(loss.detach().item()) if isinstance(loss, torch.Tensor) else float(loss or 0.0)
-        bad = None if math.isfinite(loss_value) else "loss"
-        if bad is None and not all_finite(self._gradients()):
-            bad = "gradient"
+        bad = "loss" if not math.isfinite(loss_value) else self._local_fault()
         if bad is not None:
+            self.buffers.restore()
             self._bad_step(bad)
             self._zero_gradients()
         self.algorithm.after_backward(self.steps)
         if not all_finite(self._gradients()):
             if bad is None:
-                bad = "gradient after communication"
+                bad = AFTER_COMMUNICATION
                 self._bad_step(bad)
             self._zero_gradients()
         if bad is None:
             self.bad_in_a_row = 0
         self.optimizer.step()
-        own_fault = bad is not None and bad != "gradient after communication"
+        own_fault = bad is not None and bad != AFTER_COMMUNICATION
         self.algorithm.after_step(self.steps, math.inf if own_fault else loss_value)
+        self.buffers.due = True
         return loss_value
+
+    def _local_fault(self) -> str | None:
+        """What of this worker's own is non-finite ("gradient" or "buffer"), or None.
+
+        One fused check over the gradients and the buffers the step's forward passes wrote. An
+        algorithm that sent the gradient during backward (`allreduce` with overlap) says itself
+        whether what it sent was finite: `.grad` holds the communicated gradient by then.
+        """
+        sent = self.algorithm.local_gradient_finite()
+        if sent is False:
+            return "gradient"
+        grads = self._gradients() if sent is None else []
+        buffers = self.buffers.changed()
+        if all_finite([*grads, *buffers]):
+            return None
+        return "gradient" if grads and not all_finite(grads) else "buffer"
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside only accumulate gradients locally (DDP's `no_sync`): the next pass
+        outside, or `step`, communicates the sum. Use it on the first k-1 of k micro-batches."""
+        with self.algorithm.no_sync():
+            yield
 
     def _gradients(self) -> list[torch.Tensor]:
         return [
@@ -199,7 +257,8 @@ class CommOptimizer:
             in_a_row = f" ({self.bad_in_a_row} bad steps in a row)" if self.nonfinite == "skip" else ""
             raise NonFiniteError(
                 f"rank {rank}: non-finite {what} at step {self.steps}{in_a_row}; training stopped "
-                f"(nonfinite={self.nonfinite}, max_bad_steps={self.max_bad_steps})"
+                f"(nonfinite={self.nonfinite}, max_bad_steps={self.max_bad_steps})",
+                job_wide=what == AFTER_COMMUNICATION,
             )
         print(
             f"commsgd: warning: rank {rank}: non-finite {what} at step {self.steps}; this worker's "

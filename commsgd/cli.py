@@ -6,11 +6,11 @@ Bad input (config, flags, data directory, checkpoint) prints one line and exits 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,15 @@ def build_parser() -> ArgumentParser:
     budget.add_argument("--epochs", type=int, help="epochs over each worker's shard")
     train.add_argument("--model", help="model name")
     train.add_argument("--dataset", help="data set name")
-    train.add_argument("--data-dir", help="data directory (cifar10: holds cifar-10-batches-py)")
-    train.add_argument("--out", help="run directory (default runs/<timestamp>-<algorithm>)")
+    train.add_argument(
+        "--data-dir",
+        help="data directory (cifar10: holds cifar-10-batches-py; imagefolder: holds train/<class>/<image> "
+        "and test/ or val/; text: a UTF-8 file)",
+    )
+    train.add_argument(
+        "--out",
+        help="run directory (default: a new runs/<timestamp>-<algorithm>-<hex>; needed under torchrun)",
+    )
     train.add_argument("--seed", type=int)
     train.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
@@ -138,37 +145,137 @@ def requested_config(base: dict[str, Any], args: argparse.Namespace) -> dict[str
     return data
 
 
-def check_resume_matches(run_dir: Path, saved: dict[str, Any], requested: dict[str, Any]) -> None:
-    """A resumed run keeps its algorithm and worker count: say so before anything is validated.
+#: config fields a resumed run cannot change (dotted key, how messages name it): the checkpoint's
+#: state was made for them. The node layout (group_size) shapes leader state and the link classes
+#: of the emulated network.
+RESUME_FIXED = (
+    ("algorithm", "algorithm"),
+    ("model", "model"),
+    ("data.dataset", "data set"),
+    ("cluster.group_size", "cluster.group_size"),
+)
+_MISSING = object()
 
+
+def _field(tree: Any, dotted: str) -> Any:
+    """The value at a dotted key of a plain config tree, or _MISSING."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def check_resume_matches(
+    run_dir: Path, saved: dict[str, Any], requested: dict[str, Any], source: str = ""
+) -> None:
+    """A resumed run keeps its algorithm, worker count, model, data set and node layout.
+
+    `saved` is what the run used (its config.yaml, or the config in a checkpoint, named by `source`).
     Checked ahead of `load_config`, which would otherwise judge the saved `algo` parameters against
     the new algorithm and name one of them instead of the change that cannot work.
     """
     from commsgd.config import shown
 
-    old, new = saved.get("algorithm"), requested.get("algorithm")
-    if isinstance(new, str) and new != old:
-        raise CheckpointError(
-            f"--resume: the run in {shown(run_dir)} used algorithm {old!r}, this command asks for {new!r}"
-        )
+    where = source or f"the run in {shown(run_dir)}"
+    for key, label in RESUME_FIXED:
+        old, new = _field(saved, key), _field(requested, key)
+        if old is not _MISSING and new is not _MISSING and new != old and type(new) in (str, int, type(None)):
+            verb = "is for" if source else "used"
+            raise CheckpointError(f"--resume: {where} {verb} {label} {old!r}, this command asks for {new!r}")
     old, new = saved.get("workers"), requested.get("workers")
     if isinstance(new, int) and not isinstance(new, bool) and new != old:
         raise CheckpointError(
-            f"--resume: the run in {shown(run_dir)} ran on {old} workers, "
-            f"this command asks to continue on {new}"
+            f"--resume: {where} ran on {old} workers, this command asks to continue on {new}"
         )
+
+
+def check_resume_checkpoint(run_dir: Path, cfg: Any, spec: Any) -> None:
+    """Compare the newest checkpoint of rank 0 with the resumed config before anything is written.
+
+    The checkpoint's own config is checked like config.yaml (which an older commsgd rewrote on a
+    failed resume), and its model tensors against the model `cfg` builds for data `spec`: a data
+    directory with another input shape or number of classes (or vocabulary) is refused here, not
+    in a worker's traceback. No loadable checkpoint: nothing to compare (the workers say so).
+    """
+    import torch
+
+    from commsgd import checkpoint
+    from commsgd.config import shown, to_dict
+    from commsgd.tasks import build_model
+
+    for step in checkpoint.saved_steps(run_dir, 0):
+        try:
+            state = checkpoint.load_checkpoint(checkpoint.checkpoint_path(run_dir, step, 0))
+        except CheckpointError:
+            continue
+        break
+    else:
+        return
+    source = f"the checkpoint of step {step} in {shown(run_dir)}"
+    meta = _mapping(state.get("meta"))
+    saved = dict(_mapping(meta.get("config")))
+    saved.setdefault("workers", meta.get("world_size"))
+    check_resume_matches(run_dir, saved, to_dict(cfg), source)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        wanted = {k: tuple(v.shape) for k, v in build_model(cfg.model, spec).state_dict().items()}
+    model = _mapping(state.get("model"))
+    found = {k: tuple(v.shape) for k, v in model.items() if isinstance(v, torch.Tensor)}
+    if found != wanted:
+        differs = [k for k in wanted if found.get(k) != wanted[k]] + sorted(found.keys() - wanted.keys())
+        name = differs[0]
+        raise CheckpointError(
+            f"--resume: {source} holds a model that does not fit model {cfg.model!r} on data set "
+            f"{spec.name!r} here: {name!r} has shape {list(found.get(name, ()))} there, "
+            f"{list(wanted.get(name, ()))} here (another data directory?)"
+        )
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """`value` if it is a dict, else an empty one (a checkpoint's fields are untrusted data)."""
+    return value if isinstance(value, dict) else {}
+
+
+def check_fresh_out(run_dir: Path, resume: bool) -> None:
+    """`--out` must not name a run that was started: its records would be overwritten."""
+    from commsgd.rundir import holds_run, shown_path
+
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun restarts its own run
+    if not (resume or restarted) and holds_run(run_dir):
+        shown = shown_path(run_dir)
+        raise ConfigError(f"out: {shown} already holds a run; use --resume {shown} or another --out")
+
+
+def check_before_spawn(cfg: Any, dataset: Any) -> None:
+    """What the workers would find wrong with `cfg`, found once here instead: a worker's error is
+    said by every worker and, under `--max-restarts`, tried again. Uses the workers' own checks."""
+    from commsgd.context import choose_device, node_layout
+    from commsgd.tasks.models import check_model_fits
+    from commsgd.train import ShardedBatches
+
+    choose_device(cfg.cluster, 0)  # cuda asked for without a device, nccl without cuda
+    if cfg.cluster.group_size is not None:
+        node_layout(cfg.workers, cfg.cluster.group_size)
+    check_model_fits(cfg.model, dataset.spec)
+    ShardedBatches(len(dataset.train_y), cfg.data.batch_size, 0, cfg.workers, cfg.seed)  # batch vs shard
 
 
 def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     """Config, run directory and resume flag for `commsgd train`, all validated before any worker starts."""
     from commsgd.algorithms import get_algorithm_class, validate_params
     from commsgd.config import load_config, read_yaml, shown
+    from commsgd.context import launched_by_torchrun
+    from commsgd.rundir import new_run_dir, path_problem
     from commsgd.tasks import DATASETS, MODELS, load_dataset
 
     resume = args.resume is not None
     if resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
+        try:
+            is_run = (run_dir / "config.yaml").is_file()
+        except OSError as exc:  # e.g. a name too long for the file system
+            raise path_problem("--resume", run_dir, exc) from None
+        if not is_run:
             raise CheckpointError(f"resume {shown(run_dir)}: not a commsgd run directory (no config.yaml)")
         base = read_yaml(run_dir / "config.yaml")
         if args.config:
@@ -178,6 +285,8 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     else:
         base = read_yaml(args.config) if args.config else {}
     requested = requested_config(base, args)
+    if launched_by_torchrun():  # torchrun decides the world size (--workers is ignored under it)
+        requested["workers"] = int(os.environ["WORLD_SIZE"])
     if resume:
         check_resume_matches(run_dir, base, requested)
     cfg = load_config(requested, validate_algorithm=validate_params)
@@ -191,13 +300,17 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
         )
     if get_algorithm_class(cfg.algorithm).single_worker and cfg.workers != 1:
         raise ConfigError(f"workers: algorithm {cfg.algorithm!r} runs on one worker; use --workers 1")
-    load_dataset(cfg.data.dataset, cfg.data.data_dir, model=cfg.model, seed=cfg.seed)  # fail fast on bad data
-    run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.algorithm}"
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun restarts its own run
-    if not (resume or restarted) and (
-        (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists()
-    ):
-        raise ConfigError(f"out: {run_dir} already holds a run; use --resume {run_dir} or another --out")
+    dataset = load_dataset(cfg.data.dataset, cfg.data.data_dir, model=cfg.model, seed=cfg.seed)  # fail fast
+    check_before_spawn(cfg, dataset)
+    if resume:
+        check_resume_checkpoint(run_dir, cfg, dataset.spec)
+    elif cfg.out is None and launched_by_torchrun():
+        raise ConfigError("out: under torchrun every process must name the same run directory; pass --out")
+    if cfg.out:
+        run_dir = Path(cfg.out)
+        check_fresh_out(run_dir, resume)
+    else:  # checks done: a fresh directory no other run has (created now, so it stays unique)
+        run_dir = new_run_dir(Path("runs"), cfg.algorithm)
     cfg.out = str(run_dir)
     return cfg, run_dir, resume
 
@@ -210,14 +323,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, run_dir, resume = resolve_train_config(args)
     if launched_by_torchrun():
         cfg.workers = int(os.environ["WORLD_SIZE"])
-        if int(os.environ["RANK"]) == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        if int(os.environ["RANK"]) != 0:  # cannot pass process-group setup before rank 0 holds the lock
+            worker_entry(to_dict(cfg), str(run_dir), resume)
+            return 0
+        with claim_run_dir(run_dir, resume):
             save_config(cfg, run_dir / "config.yaml")
-        worker_entry(to_dict(cfg), str(run_dir), resume)
+            worker_entry(to_dict(cfg), str(run_dir), resume)
         return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    return launch_local(cfg, run_dir, resume)
+    with claim_run_dir(run_dir, resume):  # held by this launcher for the whole run, restarts included
+        save_config(cfg, run_dir / "config.yaml")
+        return launch_local(cfg, run_dir, resume)
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path, resume: bool) -> Iterator[None]:
+    """Hold the run directory's lock (see `commsgd.rundir`); checked again under it, so that of two
+    runs started together on one `--out` the second is refused, not merged into the first."""
+    from commsgd.rundir import locked
+
+    with locked(run_dir, "--resume" if resume else "out"):
+        check_fresh_out(run_dir, resume)
+        yield
 
 
 def cmd_list(_: argparse.Namespace) -> int:

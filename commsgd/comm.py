@@ -421,6 +421,22 @@ class Communicator:
         store.set(key, value)
         c.comm_s += time.perf_counter() - start
 
+    def store_check(self, store: Any, key: str) -> bool:
+        """Whether `key` exists on the store (does not wait); counted as a tiny message."""
+        c = self._record(0, len(key), 1)
+        start = time.perf_counter()
+        found = bool(store.check([key]))
+        c.comm_s += time.perf_counter() - start
+        return found
+
+    def store_compare_set(self, store: Any, key: str, expected: bytes, desired: bytes) -> bytes:
+        """Set `key` to `desired` if it holds `expected` (b"": if it is missing); returns its value."""
+        c = self._record(len(desired), len(key) + len(expected) + len(desired), len(desired))
+        start = time.perf_counter()
+        value = bytes(store.compare_set(key, expected, desired))
+        c.comm_s += time.perf_counter() - start
+        return value
+
     def store_get(self, store: Any, key: str) -> bytes:
         """Blocking get (waits until the key exists or the store timeout passes); counted as waiting."""
         c = self.meter.current

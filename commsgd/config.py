@@ -7,6 +7,7 @@ own parameter dataclass, so algorithms declare their hyperparameters once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import types
@@ -19,6 +20,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from commsgd.errors import ConfigError
+from commsgd.files import write_atomically
 
 T = TypeVar("T")
 
@@ -64,7 +66,9 @@ class OptimConfig:
     weight_decay: float = bounded(1e-4, ge=0)
     schedule: Literal["constant", "step"] = "constant"
     drop_steps: list[int] = bounded([], doc="steps at which lr is multiplied by drop_factor")
-    drop_seconds: list[float] = bounded([], doc="wall-clock seconds at which lr drops (paper: 1500)")
+    drop_seconds: list[float] = bounded(
+        [], doc="wall-clock seconds at which lr drops, by rank 0's clock every 10 steps (paper: 1500)"
+    )
     drop_factor: float = bounded(0.1, gt=0, le=1)
 
 
@@ -119,7 +123,9 @@ class Config:
     seed: int = bounded(0, ge=0, le=2**32 - 1)
     out: str | None = None
     eval_every: int = bounded(100, ge=1, doc="evaluate the center variable every N steps and at the end")
-    checkpoint_every: int = bounded(0, ge=0, doc="0: only the final checkpoint")
+    checkpoint_every: int = bounded(
+        500, ge=0, doc="save every N steps (0: only the final one); a signal saves where it stops"
+    )
     keep_checkpoints: int = bounded(3, ge=1)
     nonfinite: Literal["skip", "stop"] = "skip"
     max_bad_steps: int = bounded(
@@ -140,6 +146,12 @@ class Config:
 DEFAULT_STEPS = 600
 #: a config (after YAML aliases are expanded) with more values than this is refused, not expanded
 MAX_CONFIG_NODES = 100_000
+#: integers with more decimal digits are refused: Python will not turn them into text (or back) by
+#: default, and no field needs them
+MAX_INT_DIGITS = 4300
+_INT_LIMIT = 10**MAX_INT_DIGITS
+_HUGE_INT = f"an integer of more than {MAX_INT_DIGITS} digits; no field takes one"
+_TOO_MANY_DIGITS = "for integer string conversion"  # in Python's ValueError for such an integer
 
 
 def shown(text: Any) -> str:
@@ -310,6 +322,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except (yaml.YAMLError, RecursionError):
         value = raw
+    except ValueError as exc:  # a scalar YAML recognises but Python cannot build
+        if _TOO_MANY_DIGITS in str(exc):
+            raise ConfigError(f"{'.'.join(parts)}: {_HUGE_INT}") from None
+        value = raw  # e.g. the date 2001-13-45: taken as the text it is
     return parts, plain_tree(value, ".".join(parts))
 
 
@@ -336,6 +352,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"config file {shown(p)}: not valid YAML ({first})") from None
+    except ValueError as exc:  # a scalar YAML recognises but Python cannot build (huge int, bad date)
+        if _TOO_MANY_DIGITS in str(exc):
+            raise ConfigError(f"config file {shown(p)}{_huge_int_line(p)}: {_HUGE_INT}") from None
+        reason = str(exc).strip()[:200]
+        raise ConfigError(f"config file {shown(p)}: a value Python cannot build ({reason})") from None
     except OSError as exc:
         raise ConfigError(f"config file {shown(p)}: cannot be read ({exc.strerror})") from None
     if data is None:
@@ -343,6 +364,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {shown(p)}: top level must be a mapping of fields")
     return plain_tree(data, "config")
+
+
+def _huge_int_line(path: Path) -> str:
+    """', line N' of the first integer with too many digits in a YAML file ('' if none is found)."""
+    with contextlib.suppress(yaml.YAMLError, RecursionError, OSError, UnicodeDecodeError):
+        todo = [yaml.compose(path.read_text(encoding="utf-8"))]
+        while todo:
+            node = todo.pop(0)
+            if isinstance(node, yaml.ScalarNode):
+                digits = node.value.lstrip("+-").replace("_", "")
+                if node.tag.endswith(":int") and len(digits) > MAX_INT_DIGITS:
+                    return f", line {node.start_mark.line + 1}"
+            elif isinstance(node, yaml.SequenceNode):
+                todo.extend(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                todo.extend(v for pair in node.value for v in pair)
+    return ""
 
 
 AlgoValidator = Callable[[str, dict[str, Any]], dict[str, Any]]
@@ -380,10 +418,12 @@ def plain_tree(data: Any, where: str) -> Any:
     budget = [MAX_CONFIG_NODES]
     open_ids: set[int] = set()
 
-    def copy(node: Any) -> Any:
+    def copy(node: Any, path: str) -> Any:
         budget[0] -= 1
         if budget[0] < 0:
             raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES} values once YAML aliases are expanded")
+        if isinstance(node, int) and not -_INT_LIMIT < node < _INT_LIMIT:
+            raise ConfigError(f"{path}: {_HUGE_INT}")  # e.g. YAML hex, which has no digit limit
         if not isinstance(node, dict | list | tuple):
             return node
         if id(node) in open_ids:
@@ -393,14 +433,16 @@ def plain_tree(data: Any, where: str) -> Any:
         open_ids.add(id(node))
         try:
             if isinstance(node, dict):
-                return {k: copy(v) for k, v in node.items()}
-            return [copy(v) for v in node]
+                prefix = "" if path == "config" else f"{path}."
+                return {k: copy(v, f"{prefix}{k}") for k, v in node.items()}
+            return [copy(v, f"{path}[{i}]") for i, v in enumerate(node)]
         finally:
             open_ids.discard(id(node))
 
-    return copy(data)
+    return copy(data, where)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (the run directory's record of what ran)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write the resolved config as YAML (the run directory's record of what ran), atomically."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False).encode("utf-8")
+    write_atomically(Path(path), lambda handle: handle.write(text), mode=0o644)

@@ -31,7 +31,14 @@ from commsgd.errors import ConfigError
 
 
 class PeerFailure(RuntimeError):
-    """A collective failed because peers died or hang; the one-line message names them."""
+    """A collective failed because peers died or hang; the one-line message names them.
+
+    `lost`: the ranks without a heartbeat (empty when the job's store itself is gone).
+    """
+
+    def __init__(self, message: str, lost: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.lost = lost
 
 
 def heartbeat_interval(timeout_s: float) -> float:
@@ -202,7 +209,8 @@ class WorkerContext:
         also = f"; rank(s) {', '.join(map(str, failed))} failed as well" if failed else ""
         return PeerFailure(
             f"rank {self.rank}: lost rank {names}: no heartbeat for {hb.wait_s:.1f} s "
-            f"(the process died or hangs){also}; the error was: {first}"
+            f"(the process died or hangs){also}; the error was: {first}",
+            tuple(silent),
         )
 
     def close(self) -> None:

@@ -20,3 +20,8 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or run directory cannot be used to resume."""
+
+
+class WorkerError(Exception):
+    """A failure of one worker's environment that it explains in one line (e.g. a full disk while
+    saving a checkpoint): the worker that hit it prints the line and exits with code 1."""

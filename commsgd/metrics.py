@@ -13,7 +13,6 @@ A run directory holds everything a report needs:
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 from collections.abc import Sequence
@@ -34,7 +33,13 @@ class JsonlLog:
         self._handle: IO[str] | None = None
 
     def truncate_after(self, step: int) -> None:
-        """Drop records with ``step > step`` (they are recomputed after resuming from `step`)."""
+        """Drop records with ``step > step`` (they are recomputed after resuming from `step`).
+
+        The file is replaced atomically through a temporary file of its own (a fixed temp name could
+        be shared with another writer); an open append handle is closed first, since it would go on
+        writing into the replaced file.
+        """
+        self.close()
         if not self.path.exists():
             return
         kept = []
@@ -45,9 +50,8 @@ class JsonlLog:
                 continue  # a line cut by a crash
             if int(record.get("step", 0)) <= step:
                 kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        text = "".join(k + "\n" for k in kept).encode("utf-8")
+        write_atomically(self.path, lambda handle: handle.write(text), mode=0o644)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._handle is None:
@@ -118,6 +122,10 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("bytes sent per step", human_bytes(mean(summary["bytes_per_step"]))),
         ("communication share", f"{100 * mean(summary['comm_share']):.1f} % of wall time"),
     ]
+    if "test_bits_per_char" in summary:  # character-level text
+        rows.insert(4, ("test bits per character", f"{summary['test_bits_per_char']:.4f}"))
+    if "data_share" in summary:  # summaries written before data time was measured lack it
+        rows.append(("data share", f"{100 * mean(summary['data_share']):.1f} % of step time"))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
     body = "\n".join(f"{k.ljust(width)} | {v}" for k, v in rows)

@@ -8,6 +8,8 @@ collective: every worker evaluates its shard of the test set and the sums are al
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import socket
@@ -16,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -28,9 +30,11 @@ from commsgd.algorithms.base import MiniBatch, Slowdown
 from commsgd.api import CommOptimizer, NonFiniteError
 from commsgd.config import DEFAULT_STEPS, Config, to_dict
 from commsgd.context import WorkerContext, create_context
-from commsgd.errors import CheckpointError, ConfigError, UserError
+from commsgd.errors import CheckpointError, ConfigError, UserError, WorkerError
+from commsgd.interrupt import Interrupted, StopAgreement
+from commsgd.jobclock import JobClock
 from commsgd.metrics import JsonlLog, mean, peak_memory_mb, summary_table, write_json_atomic
-from commsgd.tasks import Dataset, build_model, load_dataset, loss_and_errors
+from commsgd.tasks import Dataset, build_model, derived_metrics, load_dataset, loss_and_errors
 
 
 class ShardedBatches:
@@ -64,7 +68,9 @@ class ShardedBatches:
 
 
 def learning_rate(cfg: Config, step: int, elapsed_s: float) -> float:
-    """The schedule: constant, or multiplied by `drop_factor` at each passed step / second mark."""
+    """The schedule: constant, or multiplied by `drop_factor` at each passed step / second mark.
+
+    `elapsed_s` is the job's clock (`commsgd.jobclock`), not this worker's: the same on every worker."""
     optim = cfg.optim
     if optim.schedule == "constant":
         return optim.lr
@@ -110,6 +116,7 @@ class Trainer:
         self.algo = build_algorithm(cfg.algorithm, cfg.algo)
         if ctx.rank in cfg.cluster.slow_ranks:
             self.algo.slowdown = Slowdown(cfg.cluster.slow_factor, cfg.cluster.slow_sleep_s)
+        self.algo.checkpoint_every = cfg.checkpoint_every  # before bind: async schedules need it
         self.optimizer = build_optimizer(cfg, self.model, self.algo)
         self.step_fn = CommOptimizer(
             self.optimizer,
@@ -130,65 +137,136 @@ class Trainer:
         np.random.seed((cfg.seed * 7919 + ctx.rank) % 2**32)
         self.step = 0
         self.batches_drawn = 0  # data position: one batch per step, or more for deadline-based methods
+        self.label = 0  # label of the newest checkpoint this worker wrote or restored
+        self.complete: int | None = None  # newest label every worker is known to have written
+        self._announced: set[int] = set()  # labels this worker has counted as written in the store
         self.compute_s = 0.0
+        self.data_s = 0.0  # drawing and augmenting batches (part of compute_s), in this process's steps
+        self._step_s_from: float | None = None  # step time when this process drew its first batch
         self.wall_offset = 0.0
         self.lr = cfg.optim.lr
+        # `optim.drop_seconds` by rank 0's clock, so that replicas drop at one step (commsgd.jobclock)
+        self.job_clock = JobClock(
+            ctx.comm, ctx.store, ctx.rank, ctx.world_size, cfg.optim.drop_seconds, self.algo.lockstep
+        )
         self.metrics = JsonlLog(run_dir / "metrics" / f"rank{ctx.rank}.jsonl")
         self.evals = JsonlLog(run_dir / "eval.jsonl")
         self.tensorboard = self._tensorboard()
 
     # ------------------------------------------------------------------ resume
 
-    def restore(self) -> bool:
-        """Load the newest checkpoint step that every worker can load; False when there is none."""
+    def restore(self, resume: bool = False) -> bool:
+        """Load the newest checkpoint that every worker can load; False when there is none to load.
+
+        Damaged, unsafe or foreign files are skipped with a warning each. No common checkpoint after
+        one was finished by every worker is refused (`checkpoint.agreed_label`) before anything is
+        changed; so is `resume` (``--resume``) without a common checkpoint. Every worker gets back
+        its own step and data position (asynchronous algorithms: different on each worker).
+        """
+        ctx = self.ctx
+        files = checkpoint.saved_steps(self.run_dir, ctx.rank)
         with warnings.catch_warnings(record=True) as problems:
             warnings.simplefilter("always")
-            mine = checkpoint.loadable_steps(self.run_dir, self.ctx.rank, self.cfg.keep_checkpoints + 2)
+            mine = checkpoint.loadable_steps(self.run_dir, ctx.rank, max(1, len(files)))
         for problem in problems:  # a truncated, corrupt or unsafe file: said once per file, then skipped
-            print(f"commsgd: warning: rank {self.ctx.rank}: {problem.message}", file=sys.stderr, flush=True)
-            self.ctx.log_event(
-                {"event": "checkpoint_skipped", "rank": self.ctx.rank, "reason": str(problem.message)}
-            )
-        with self.ctx.comm.meter.in_phase("control"):
-            everyone = self.ctx.comm.all_gather_json(mine)
-        common = set(everyone[0]).intersection(*map(set, everyone[1:]))
-        if not common:
+            print(f"commsgd: warning: rank {ctx.rank}: {problem.message}", file=sys.stderr, flush=True)
+            ctx.log_event({"event": "checkpoint_skipped", "rank": ctx.rank, "reason": str(problem.message)})
+        finished = checkpoint.recorded_complete(self.run_dir, ctx.rank)
+        with ctx.comm.meter.in_phase("control"):
+            everyone = ctx.comm.all_gather_json([mine, files, finished])
+        loadable, saved, completed = ([e[i] for e in everyone] for i in range(3))
+        label = checkpoint.agreed_label(self.run_dir, loadable, saved, completed, resume=resume)
+        if label is None:
+            self._start_again(saved)
             return False
-        step = max(common)
-        state = checkpoint.load_checkpoint(checkpoint.checkpoint_path(self.run_dir, step, self.ctx.rank))
-        meta = state["meta"]
-        if meta["algorithm"] != self.cfg.algorithm or meta["world_size"] != self.ctx.world_size:
-            raise CheckpointError(
-                f"resume {self.run_dir}: checkpoint is from algorithm {meta['algorithm']!r} on "
-                f"{meta['world_size']} workers; this run is {self.cfg.algorithm!r} on {self.ctx.world_size}"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        # The rate in force when the checkpoint was taken, so that a schedule drop already passed does
-        # not fire `on_lr_change` again. Older checkpoints lack "lr": the optimizer's rate is the one
-        # `_apply_lr` set last.
-        self.lr = float(state.get("lr", self.optimizer.param_groups[0]["lr"]))
-        self.algo.load_state_dict(state["algorithm"])
-        self.step_fn.load_guard_state(state.get("nonfinite", {}))
-        self.ctx.comm.meter.load_state_dict(state["meter"])
-        set_rng_state(state["rng"])
-        self.data_gen.set_state(state["rng"]["data"])
-        self.step = int(state["step"])
-        self.batches_drawn = int(state.get("batches", self.step))
-        self.compute_s, self.wall_offset = float(state["compute_s"]), float(state["wall_s"])
-        self.metrics.truncate_after(step)
-        if self.ctx.is_main:
-            self.evals.truncate_after(step)
+        path = checkpoint.checkpoint_path(self.run_dir, label, ctx.rank)
+        failure = self._load(path)
+        with ctx.comm.meter.in_phase("control"):
+            reported = [p for p in ctx.comm.all_gather_json(failure) if p]
+        if reported:  # the same line on every worker, whichever worker found it
+            raise CheckpointError(reported[0])
+        self.label = self.complete = label
+        checkpoint.discard_newer(self.run_dir, ctx.rank, label)  # a dead attempt's unfinished ones
+        self.metrics.truncate_after(self.step)
+        if ctx.is_main:
+            self.evals.truncate_after(self.step)  # rank 0 records evaluations at its own steps
             print(
-                f"commsgd: resumed from the checkpoint of step {step} (attempt {self.ctx.restart_count})",
+                f"commsgd: resumed from the checkpoint of step {label} (attempt {ctx.restart_count})",
                 file=sys.stderr,
                 flush=True,
             )
-        self.ctx.log_event({"event": "restored", "step": step, "attempt": self.ctx.restart_count})
+        if not checkpoint.has_checksum(path):
+            print(
+                f"commsgd: warning: rank {ctx.rank}: checkpoint {path} has no checksum (written by an "
+                "older commsgd); loaded without verifying its bytes",
+                file=sys.stderr,
+                flush=True,
+            )
+        ctx.log_event(
+            {"event": "restored", "step": label, "local_step": self.step, "attempt": ctx.restart_count}
+        )
         return True
 
-    def save(self) -> None:
+    def _start_again(self, saved: list[list[int]]) -> None:
+        """Nothing to restore: say so on a restart, and drop an unfinished first checkpoint's files."""
         ctx = self.ctx
+        if ctx.restart_count > 0 and ctx.is_main:
+            if any(saved):
+                why = "no checkpoint was finished by every worker yet"
+            else:
+                why = "no checkpoint was written yet"
+            print(
+                f"commsgd: warning: restarting from step 0: {why} (attempt {ctx.restart_count})",
+                file=sys.stderr,
+                flush=True,
+            )
+        checkpoint.discard_newer(self.run_dir, ctx.rank, 0)
+
+    def _load(self, path: Path) -> str | None:
+        """Load this worker's file of the agreed checkpoint into the trainer; the problem, if any."""
+        ctx = self.ctx
+        try:
+            state = checkpoint.load_checkpoint(path)
+            meta = state["meta"]
+            if meta["algorithm"] != self.cfg.algorithm or meta["world_size"] != ctx.world_size:
+                return (
+                    f"resume {self.run_dir}: checkpoint is from algorithm {meta['algorithm']!r} on "
+                    f"{meta['world_size']} workers; this run is {self.cfg.algorithm!r} on {ctx.world_size}"
+                )
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            # The rate in force when the checkpoint was taken, so that a schedule drop already passed
+            # does not fire `on_lr_change` again. Older checkpoints lack "lr": the optimizer's rate is
+            # the one `_apply_lr` set last.
+            self.lr = float(state.get("lr", self.optimizer.param_groups[0]["lr"]))
+            self.algo.load_state_dict(state["algorithm"])
+            self.step_fn.load_guard_state(state.get("nonfinite", {}))
+            ctx.comm.meter.load_state_dict(state["meter"])
+            set_rng_state(state["rng"])
+            self.data_gen.set_state(state["rng"]["data"])
+            self.step = int(state["step"])
+            self.batches_drawn = int(state.get("batches", self.step))
+            self.compute_s, self.wall_offset = float(state["compute_s"]), float(state["wall_s"])
+        except CheckpointError as exc:
+            return str(exc)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return f"checkpoint {path}: does not fit this run ({type(exc).__name__}: {reason[:160]})"
+        return None
+
+    def save(self, label: int | None = None) -> None:
+        """Write this worker's checkpoint `label`, then prune. Without a label: the end-of-run checkpoint,
+        which every worker writes at the same point (after `finish`, or when stopped on a signal).
+
+        Collective where the algorithm's checkpoints are (`prepare_checkpoint`), and for the end-of-run
+        one. Each worker counts the labels it has written in the job's store; pruning keeps the newest
+        label every worker has written (`checkpoint.prune_checkpoints`).
+        """
+        ctx = self.ctx
+        final = label is None
+        if label is None:
+            label = max(self.algo.final_checkpoint_label(self.step, self.total), self.label)
+        self.algo.prepare_checkpoint()
         state = {
             "step": self.step,
             "batches": self.batches_drawn,
@@ -207,8 +285,37 @@ class Trainer:
                 "config": to_dict(self.cfg),
             },
         }
-        checkpoint.save_checkpoint(self.run_dir, self.step, ctx.rank, state)
-        checkpoint.prune_checkpoints(self.run_dir, ctx.rank, self.cfg.keep_checkpoints)
+        checkpoint.save_checkpoint(self.run_dir, label, ctx.rank, state)
+        self.label = label
+        self._announce(label)
+        if final:  # everyone writes it: wait for the others, so that older ones can go now
+            with ctx.comm.meter.in_phase("control"):
+                ctx.comm.barrier()
+        complete = self._newest_complete()
+        if complete is not None and complete != self.complete:
+            checkpoint.record_complete(self.run_dir, ctx.rank, complete)
+        self.complete = complete
+        checkpoint.prune_checkpoints(self.run_dir, ctx.rank, self.cfg.keep_checkpoints, self.complete)
+
+    def _announce(self, label: int) -> None:
+        """Count checkpoint `label` as written by this worker (once per label and launch)."""
+        if label not in self._announced:
+            with self.ctx.comm.meter.in_phase("control"):
+                self.ctx.comm.store_add(self.ctx.store, f"checkpoint/written/{label}", 1)
+            self._announced.add(label)
+
+    def _newest_complete(self) -> int | None:
+        """The newest label that every worker has written (as far as the job's store knows)."""
+        ctx, comm = self.ctx, self.ctx.comm
+        with comm.meter.in_phase("control"):
+            for step in checkpoint.saved_steps(self.run_dir, ctx.rank):
+                if self.complete is not None and step <= self.complete:
+                    break
+                if step in self._announced and (
+                    comm.store_add(ctx.store, f"checkpoint/written/{step}", 0) >= ctx.world_size
+                ):
+                    return step
+        return self.complete
 
     # ------------------------------------------------------------------ the loop
 
@@ -220,6 +327,16 @@ class Trainer:
         self._start = time.perf_counter()
         bar = self._progress()
         comm = ctx.comm.meter
+        stopper = StopAgreement(
+            ctx.comm,
+            ctx.store,
+            ctx.rank,
+            ctx.world_size,
+            self.total,
+            self.algo.step_aligned,
+            cfg.cluster.timeout_s,
+            peers_lost=self._peer_lost,
+        )
         while not self.algo.should_stop(self.step, self.total):
             epoch = self.batches_drawn // self.batches.per_epoch
             self._apply_lr(epoch)
@@ -243,8 +360,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if self.algo.should_evaluate(self.step, cfg.eval_every):
                 self._record_eval(self.evaluate())
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save()
+            label = self.algo.checkpoint_label(self.step)  # on a job-wide schedule for async ones
+            saved = label is not None
+            if label is not None:
+                self.save(label)
+            if stopper.should_stop(self.step):  # SIGINT / SIGTERM: see commsgd.interrupt
+                if bar is not None:
+                    bar.close()
+                self._stop_on_signal(stopper, saved)
         if bar is not None:
             bar.close()
         self.algo.finish()
@@ -253,20 +376,60 @@ class Trainer:
         self.save()
         return self._summarise(final)
 
+    def _peer_lost(self) -> bool:
+        """Whether a peer is gone (no heartbeat, or it reported a failure); takes a few beats."""
+        heartbeat = self.ctx.heartbeat
+        if heartbeat is None:
+            return False
+        found = heartbeat.silent_peers()
+        return found is None or bool(found[0] or found[1])
+
+    def _stop_on_signal(self, stopper: StopAgreement, saved: bool) -> NoReturn:
+        """The workers stop on a signal after this step: save it (step-aligned algorithms) and end.
+
+        Asynchronous algorithms stop without a new checkpoint: their workers are at different steps.
+        """
+        step: int | None = None
+        if self.algo.step_aligned:
+            if not saved:
+                self.save()
+            self.algo.finish()  # stop servers; every worker is at this step, so nobody waits
+            step = self.step
+        signum = stopper.signum()
+        self.ctx.log_event({"event": "interrupted", "step": self.step, "saved": step, "signal": signum})
+        self.metrics.close()
+        self.evals.close()
+        raise Interrupted(signum, step)
+
     def _loss_closure(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
         return lambda: loss_and_errors(self.model(x), y)[0]
 
     def _next_batch(self) -> MiniBatch:
         """This worker's next mini-batch (the algorithm draws one per step, or more by a deadline)."""
+        start = time.perf_counter()
+        if self._step_s_from is None:  # time restored from a checkpoint holds no data time of ours
+            self._step_s_from = self._step_s()
         epoch, index = divmod(self.batches_drawn, self.batches.per_epoch)
         self.batches_drawn += 1
         indices = self.batches.batch(epoch, index)
         x, y = self.dataset.train_batch(indices, self.data_gen)
         x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
-        return MiniBatch(self._loss_closure(x, y), int(indices.numel()))
+        self.data_s += time.perf_counter() - start
+        return MiniBatch(
+            self._loss_closure(x, y),
+            int(indices.numel()),
+            head=lambda n: MiniBatch(self._loss_closure(x[:n], y[:n]), n),
+        )
+
+    def _step_s(self) -> float:
+        """Training step time so far: computation (data included), communication and waiting."""
+        c = self.ctx.comm.meter.totals()
+        return self.compute_s + c.comm_s + c.wait_s
 
     def _apply_lr(self, epoch: int) -> None:
-        lr = learning_rate(self.cfg, self.step, self.wall_s())
+        timed = self.cfg.optim.schedule != "constant" and bool(self.cfg.optim.drop_seconds)
+        elapsed = self.job_clock.seconds(self.step, self.wall_s()) if timed else 0.0
+        lr = learning_rate(self.cfg, self.step, elapsed)
         if lr != self.lr:
             self.algo.on_lr_change(self.lr, lr)
             self.lr = lr
@@ -315,7 +478,12 @@ class Trainer:
             model.train(was_training)
             ctx.comm.all_reduce(sums, op="sum")
         total = max(sums[2].item(), 1.0)
-        return {"test_loss": sums[0].item() / total, "test_error": sums[1].item() / total}
+        test_loss = sums[0].item() / total
+        return {
+            "test_loss": test_loss,
+            "test_error": sums[1].item() / total,
+            **derived_metrics(self.dataset.spec, test_loss),
+        }
 
     def _record_eval(self, result: dict[str, float]) -> None:
         if self.ctx.is_main:
@@ -336,6 +504,8 @@ class Trainer:
             "comm_time_s": c.comm_s,
             "wait_time_s": c.wait_s,
             "compute_time_s": self.compute_s,
+            "data_time_s": self.data_s,
+            "data_share": self.data_s / max(self._step_s() - (self._step_s_from or 0.0), 1e-9),
             "wall_time_s": wall,
             "peak_memory_mb": peak_memory_mb(ctx.device),
             "eval_bytes_sent": ctx.comm.meter.totals("eval").bytes_sent,
@@ -367,6 +537,8 @@ class Trainer:
             "comm_time_s",
             "wait_time_s",
             "compute_time_s",
+            "data_time_s",
+            "data_share",
             "peak_memory_mb",
             "eval_bytes_sent",
         ):
@@ -440,17 +612,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_worker_record(run_dir: Path, ctx: WorkerContext) -> None:
-    """``workers/rank{r}.json``: pid, host and attempt of this worker (for operators and fault tests)."""
+def write_worker_record(run_dir: Path, ctx: WorkerContext, lost: tuple[int, ...] | None = None) -> None:
+    """``workers/rank{r}.json``: pid, host and attempt of this worker (for operators and fault tests).
+
+    Written again with `lost` (the peers without a heartbeat) when this worker's collective failed
+    on them, so that the launcher's last line names the hung or dead peer, not this survivor.
+    """
     path = run_dir / "workers" / f"rank{ctx.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
+    record: dict[str, Any] = {
         "rank": ctx.rank,
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "attempt": ctx.restart_count,
     }
+    if lost is not None:
+        record["lost"] = list(lost)
     write_json_atomic(path, record)
+
+
+def read_worker_record(run_dir: Path, rank: int) -> dict[str, Any] | None:
+    """The record `write_worker_record` left for `rank`; None when it is missing or unreadable."""
+    try:
+        record = json.loads((run_dir / "workers" / f"rank{rank}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def run_worker(cfg: Config, run_dir: Path | None, resume: bool) -> dict[str, Any] | None:
@@ -465,7 +652,7 @@ def run_worker(cfg: Config, run_dir: Path | None, resume: bool) -> dict[str, Any
     try:
         write_worker_record(run_dir, ctx)
         return _train(cfg, ctx, run_dir, resume)
-    except (UserError, NonFiniteError):
+    except (UserError, WorkerError, NonFiniteError):  # explained in one line by this worker
         if ctx.heartbeat is not None:
             ctx.heartbeat.report("failed")
         raise
@@ -473,6 +660,9 @@ def run_worker(cfg: Config, run_dir: Path | None, resume: bool) -> dict[str, Any
         failure = ctx.diagnose_failure(exc)
         if failure is None:
             raise
+        if failure.lost:
+            with contextlib.suppress(OSError):  # the record is a hint; the failure is what matters
+                write_worker_record(run_dir, ctx, failure.lost)
         raise failure from exc
     finally:
         ctx.close()
@@ -481,9 +671,7 @@ def run_worker(cfg: Config, run_dir: Path | None, resume: bool) -> dict[str, Any
 def _train(cfg: Config, ctx: WorkerContext, run_dir: Path, resume: bool) -> dict[str, Any] | None:
     """Build the trainer, restore on --resume or after an elastic restart, and run to the end."""
     trainer = Trainer(cfg, ctx, run_dir)
-    restored = trainer.restore() if (resume or ctx.restart_count > 0) else False
-    if resume and not restored:
-        raise CheckpointError(f"resume {run_dir}: no checkpoint that every worker can load")
+    restored = trainer.restore(resume) if (resume or ctx.restart_count > 0) else False
     if not restored:  # a fresh start (or a restart before the first checkpoint): no stale records
         trainer.metrics.truncate_after(0)
         if ctx.is_main:

@@ -48,7 +48,8 @@ def _cifar(tmp_path: Path) -> Path:
 
 
 def _train_cifar(data_dir: Path | str, out: Path) -> list[str]:
-    return ["train", "--dataset", "cifar10", "--model", "mlp", "--data-dir", str(data_dir), "--out", str(out)]
+    data = ["--dataset", "cifar10", "--model", "mlp", "--data-dir", str(data_dir)]
+    return ["train", *data, "--out", str(out), "data.batch_size=4"]  # the fake set: 12 samples a worker
 
 
 def test_fake_cifar_is_accepted(tmp_path: Path, no_launch: list[Any]) -> None:

@@ -89,13 +89,13 @@ def _quantimed_vs_dpsgd(ctx: WorkerContext, weights_file: str) -> dict[str, Any]
     plain, timed = _model(100 + ctx.rank), _model(100 + ctx.rank)
     alpha, eps = A / HORIZON ** (1 / 6), B / math.sqrt(HORIZON)
     dpsgd = commsgd.CommOptimizer(
-        torch.optim.SGD(plain.parameters(), lr=alpha * eps),
+        torch.optim.SGD(plain.parameters(), lr=alpha * eps, weight_decay=0.01),
         commsgd.build_algorithm("dpsgd", topology="custom", weights_file=weights_file),
         plain,
         ctx,
     )
     quantimed = commsgd.CommOptimizer(
-        # momentum and weight decay must not matter: quantimed applies its own step
+        # momentum must not matter (the Q-DSGD update has none); weight decay is part of g, as in dpsgd
         torch.optim.SGD(timed.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01),
         commsgd.build_algorithm(
             "quantimed",

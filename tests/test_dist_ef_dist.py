@@ -102,10 +102,11 @@ def test_sharded_and_single_server_agree(runs: list[Any]) -> None:
 def test_bytes_per_step_follow_payload_sizes(runs: list[Any]) -> None:
     numel = 227
     compressor = get("block_sign", block_size=8)
-    # sharded: slices of ceil(227 / 3) = 76 -> 80 (a multiple of 8) elements: 80, 80, 67
-    row = max(compressor.payload_nbytes(n) for n in (80, 80, 67))
+    # sharded: slices of ceil(227 / 3) = 76 -> 80 (a multiple of 8) elements: 80, 80, 67; every row
+    # ends in a status byte (a compression that failed on its sender)
+    row = max(compressor.payload_nbytes(n) for n in (80, 80, 67)) + 1
     sharded = (WORLD - 1) * row + (WORLD - 1) * row  # all-to-all of p rows + all-gather of one row
-    whole = compressor.payload_nbytes(numel)
+    whole = compressor.payload_nbytes(numel) + 1
     for rank, rank_runs in enumerate(runs):
         assert rank_runs["block_sharded"][1] == [pytest.approx(sharded)] * STEPS
         single = (WORLD - 1) / WORLD * whole + (0 if rank == 0 else whole)  # broadcast + gather

@@ -25,6 +25,7 @@ from commsgd.tasks import (
     load_dataset,
     loss_and_errors,
     write_fake_cifar10,
+    write_fake_image_folder,
 )
 from commsgd.tasks.text import SEQ_LEN
 from commsgd.tasks.transforms import CIFAR_MEAN, CIFAR_STD
@@ -67,6 +68,8 @@ MODEL_DATA = [
     ("cnn7", "cifar10"),
     ("resnet20", "cifar10"),
     ("vgg16", "cifar10"),
+    ("resnet50", "cifar10"),
+    ("cnn7", "imagefolder"),
     ("lstm", "text"),
 ]
 
@@ -77,8 +80,9 @@ def test_every_model_is_exercised() -> None:
 
 
 @pytest.mark.parametrize(("model_name", "data_name"), MODEL_DATA)
-def test_model_forward_backward(model_name: str, data_name: str, cifar_root: Path) -> None:
-    data_dir = str(cifar_root) if data_name == "cifar10" else None
+def test_model_forward_backward(model_name: str, data_name: str, cifar_root: Path, tmp_path: Path) -> None:
+    folders = {"cifar10": cifar_root, "imagefolder": write_fake_image_folder(tmp_path)}
+    data_dir = str(folders[data_name]) if data_name in folders else None
     data = load_dataset(data_name, data_dir, model=model_name, seed=0)
     torch.manual_seed(0)
     model = build_model(model_name, data.spec)

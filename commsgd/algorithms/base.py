@@ -39,10 +39,13 @@ class NoParams:
 @dataclasses.dataclass(frozen=True)
 class MiniBatch:
     """One mini-batch drawn for `Algorithm.compute_gradient`: `loss()` runs the forward pass and returns
-    the mean loss over the batch's `size` samples."""
+    the mean loss over the batch's `size` samples. `head(n)`, when given, is the same batch cut to its
+    first n samples: deadline-based methods count samples, so a batch the deadline cuts short still
+    gives the samples that fit (without it, such a batch gives none)."""
 
     loss: Callable[[], torch.Tensor]
     size: int
+    head: Callable[[int], MiniBatch] | None = None
 
 
 NextBatch = Callable[[], MiniBatch]
@@ -85,6 +88,15 @@ class Algorithm:
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.slowdown = Slowdown()  # set by the Trainer on slowed ranks
+        #: the run's checkpoint period in steps (0: only the final checkpoint), set by the Trainer
+        #: before `bind` so that asynchronous algorithms can put checkpoints on their job-wide schedule
+        self.checkpoint_every = 0
+
+    @classmethod
+    def create(cls, params: Any) -> Algorithm:
+        """An instance for validated `params` (what `build_algorithm` calls). A family whose modes are
+        different classes under one name returns the mode's class here (easgd's `async-server`)."""
+        return cls(params)
 
     # -- binding --------------------------------------------------------------------------
 
@@ -129,7 +141,22 @@ class Algorithm:
         return float(value.detach().item())
 
     def after_backward(self, step: int) -> None:
-        """Replace the local gradients by communicated ones (or leave them for local SGD)."""
+        """Replace the local gradients by communicated ones (or leave them for local SGD).
+
+        `.grad` holds the sum of every backward pass since the gradients were last zeroed (several
+        passes: gradient accumulation); communicate that sum, never one pass's share of it.
+        """
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside only accumulate locally (DDP's `no_sync`); the next pass outside, or
+        the step, communicates the sum. The default: nothing is communicated during backward anyway."""
+        yield
+
+    def local_gradient_finite(self) -> bool | None:
+        """Whether the local gradient this worker already sent during backward (since the last step)
+        was finite; None when `.grad` still holds the local gradient (the guard checks it there)."""
+        return None
 
     def after_step(self, step: int, loss: float) -> None:
         """Move the parameters after the local optimizer step; `loss` is this step's training loss."""
@@ -145,6 +172,24 @@ class Algorithm:
         """Whether this worker's loop ends after `step` (async algorithms end on a job-wide budget)."""
         return step >= total_steps
 
+    @property
+    def step_aligned(self) -> bool:
+        """Whether every collective belongs to a step number, the same on every worker.
+
+        Then all workers can stop together after any step (an interrupt saves that step). False for
+        asynchronous schedules (rounds on a job-wide counter, job-wide budgets), where a worker's
+        collectives depend on what the others did.
+        """
+        return True
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether no worker runs far ahead of another (each step's or round's collectives wait for
+        all), so that waiting for rank 0 at a step boundary costs next to nothing: the job clock
+        (`commsgd.jobclock`) then makes every worker drop the rate at one step. False for workers
+        that run at their own pace (a parameter server, asynchronous rounds)."""
+        return self.step_aligned
+
     def finish(self) -> None:
         """End of training: drain rounds or stop servers so every worker exits cleanly."""
 
@@ -152,6 +197,24 @@ class Algorithm:
     def evaluated_parameters(self) -> Iterator[None]:
         """Load the parameters to evaluate (the center variable) into the model for the duration."""
         yield
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint_label(self, step: int) -> int | None:
+        """The label of the checkpoint due after `step` (asked after every step, after evaluation), or
+        None. Every worker's file of one checkpoint has the same label: here the step, every
+        `checkpoint_every` steps; asynchronous algorithms checkpoint on the job-wide schedule and
+        label with the job's virtual step (job iterations / workers) instead."""
+        every = self.checkpoint_every
+        return step if every and step % every == 0 else None
+
+    def final_checkpoint_label(self, step: int, total_steps: int) -> int:
+        """The label of the checkpoint written after `finish` (asynchronous: the job's budget)."""
+        return step
+
+    def prepare_checkpoint(self) -> None:
+        """Called right before this worker's state is saved for a checkpoint: collective where the
+        workers' saved states must fit together (DOWNPOUR: the center holds every push they sent)."""
 
     # -- resume and reporting -------------------------------------------------------------
 
@@ -202,7 +265,7 @@ def build_algorithm(name: str, params: dict[str, Any] | None = None, **kwargs: A
     """An unbound algorithm by name, from a params mapping and/or keyword arguments."""
     cls = get_algorithm_class(name)
     merged = {**(params or {}), **kwargs}
-    return cls(from_dict(cls.Params, merged, "algo"))
+    return cls.create(from_dict(cls.Params, merged, "algo"))
 
 
 def _load_all() -> None:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import sys
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +38,16 @@ from torch import Tensor
 
 from commsgd.algorithms.base import Algorithm, register
 from commsgd.comm import Communicator
-from commsgd.compression import Compressor, ErrorFeedback, Payload, RandomK, get, unpack_signs
+from commsgd.compression import (
+    Compressor,
+    ErrorFeedback,
+    NonFiniteError,
+    Payload,
+    RandomK,
+    get,
+    poisoned,
+    unpack_signs,
+)
 from commsgd.config import OptimConfig, bounded
 from commsgd.errors import ConfigError
 from commsgd.flat import parameters_of
@@ -213,6 +224,16 @@ class Traffic:
         self.steps, self.bytes_sent = int(state["steps"]), float(state["bytes_sent"])
 
 
+def compression_failed(ctx: WorkerContext, step: int, exc: Exception) -> None:
+    """Say that this worker's compression failed at `step` (the step then fails on every worker)."""
+    ctx.log_event({"event": "compression_failed", "step": step, "rank": ctx.rank, "reason": str(exc)})
+    print(
+        f"commsgd: warning: rank {ctx.rank}: {exc} at step {step}; the step fails on every worker",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def load_into(name: str, target: Tensor, source: Tensor) -> None:
     """Copy a checkpointed buffer into a bound one, refusing a shape that does not match."""
     if source.shape != target.shape:
@@ -264,21 +285,37 @@ class ErrorFeedbackSGD(Algorithm):
         self._traffic = Traffic.for_allreduce(self._grads.numel, ctx.world_size)
 
     def after_backward(self, step: int) -> None:
+        """Compress, average, apply. A compression that fails on this worker (a value beyond float16's
+        range, a fixed rounding grid too small) sends a poisoned payload instead of leaving the others
+        waiting: every worker's average is then NaN, every worker puts its error back as it was, and
+        the non-finite guard skips (or stops) the step on all of them alike."""
         ctx = self.bound_ctx
         with self._traffic.step(ctx.comm):
             g = self._grads.gather()
-            if self._feedback is not None:
-                payload = self._feedback.compress("grad", g, generator=self._generator)
-            else:
-                payload = self.compressor.compress(g, generator=self._generator)
-            self._grads.scatter(self._average(payload))
+            before = None if self._feedback is None else self._feedback.error("grad")
+            failed = False
+            try:
+                if self._feedback is not None:
+                    payload = self._feedback.compress("grad", g, generator=self._generator)
+                else:
+                    payload = self.compressor.compress(g, generator=self._generator)
+            except NonFiniteError as exc:
+                compression_failed(ctx, step, exc)
+                payload = poisoned(self.compressor.empty_payload(self._grads.numel, device=g.device))
+                failed = True
+            average = self._average(payload, failed)
+            if self._feedback is not None and not bool(torch.isfinite(average).all()):
+                self._feedback.restore("grad", before)  # the job skips this step
+            self._grads.scatter(average)
 
-    def _average(self, payload: Payload) -> Tensor:
-        """Mean over the workers of the decompressed payloads."""
+    def _average(self, payload: Payload, failed: bool = False) -> Tensor:
+        """Mean over the workers of the decompressed payloads (NaN when this worker's is `failed`)."""
         comm, world = self.bound_ctx.comm, self.bound_ctx.world_size
         if self.compressor.summable:
             for buffer in payload.buffers.values():
                 comm.all_reduce(buffer, op="sum")
+            if failed:  # the poisoned payload has no shared indices to decode with
+                return torch.full_like(self._grads.buffer, math.nan)
             return self.compressor.decompress(payload).div_(world)
         send = torch.empty(self._wire.nbytes, dtype=torch.uint8, device=self._grads.buffer.device)
         rows = comm.all_gather(self._wire.pack(payload, send))

@@ -13,6 +13,8 @@ one point-to-point message per neighbour per round (all receives and sends poste
 
 qdsgd and quantimed apply their own step (the torch optimizer is skipped: `.grad` is cleared before it
 runs), with constant (alpha, eps) or the paper's schedule alpha = a / T^(1/6), eps = b / T^(1/2).
+Weight decay is part of g_i (g_i + wd x_i, the gradient of the L2-regularised local loss); momentum has
+no place in the update, and rank 0 says so at start-up when it is set.
 The evaluated model is the average of all workers' models.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from commsgd.algorithms.base import Algorithm, MiniBatch, NextBatch, register
+from commsgd.algorithms.dist_ef_sgd import take_weight_decay
 from commsgd.algorithms.gossip import ModelVector, Neighbourhood, WireCodec, post_exchange
 from commsgd.algorithms.stragglers import StragglerMode, Stragglers, gradient_by_deadline
 from commsgd.comm import Pending
@@ -249,10 +253,13 @@ class QDSGD(Decentralized):
     summary_line = "quantized decentralized SGD: neighbours' models through an unbiased quantizer"
     Params = QuantizedParams
     params: QuantizedParams
+    _configured_momentum = 0.0  # optim.momentum, seen in optimizer_overrides (the trainer sets it to 0)
 
     def optimizer_overrides(self, optim: OptimConfig) -> dict[str, Any]:
-        # The algorithm applies alpha*eps*g itself and clears .grad, so the torch optimizer never moves x.
-        return {"momentum": 0.0, "weight_decay": 0.0}
+        # The algorithm applies alpha*eps*g itself and clears .grad, so the torch optimizer never moves x;
+        # weight decay reaches `bind`, which moves it into g (momentum has no place in the update).
+        self._configured_momentum = optim.momentum
+        return {"momentum": 0.0}
 
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
@@ -263,6 +270,16 @@ class QDSGD(Decentralized):
         self.quant_gen = torch.Generator(device=ctx.device).manual_seed(_stream_seed(ctx.seed, ctx.rank, 2))
         self._initial_lr = float(optimizer.param_groups[0]["lr"])
         self._budget = 0
+        self._params = parameters_of(model)
+        self._decay = take_weight_decay(optimizer, self._params)
+        momentum = max([self._configured_momentum] + [g.get("momentum", 0.0) for g in optimizer.param_groups])
+        if momentum and ctx.rank == 0:
+            print(
+                f"commsgd: warning: {self.name}: momentum {momentum:g} is not used: the Q-DSGD update "
+                "x <- mix - alpha*eps*g has none (set optim.momentum=0 to silence this)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def should_stop(self, step: int, total_steps: int) -> bool:
         self._budget = total_steps  # T of the paper schedule when no horizon is given
@@ -286,6 +303,11 @@ class QDSGD(Decentralized):
         """x_i <- (1 - eps + eps w_ii) x_i + eps sum_j w_ij Q(x_j) - alpha eps g_i (optimizer skipped)."""
         self.iterations += 1
         alpha, eps = self.step_sizes()
+        for param, wd in zip(self._params, self._decay):  # g_i + wd x_i: the L2-regularised local loss
+            if wd:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad.add_(param.detach(), alpha=wd)
         xs, grads = self.vector.read(), self.vector.gradients()
         peers = self.hood.peers
         wires = [
@@ -335,6 +357,7 @@ class QuanTimed(QDSGD):
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
         self.zero_gradient_iterations = 0
+        self.cut_samples = 0  # samples counted from batches the deadline cut short
 
     def compute_gradient(self, step: int, next_batch: NextBatch) -> float:
         result = gradient_by_deadline(
@@ -348,6 +371,7 @@ class QuanTimed(QDSGD):
         )
         self.samples += result.samples
         self.zero_gradient_iterations += result.samples == 0
+        self.cut_samples += result.cut_samples
         return result.loss
 
     def summary(self) -> dict[str, Any]:
@@ -356,11 +380,17 @@ class QuanTimed(QDSGD):
             "deadline_s": self.params.deadline_s,
             "mean_samples_per_iteration": self.samples / max(self.iterations, 1),
             "zero_gradient_iterations": self.zero_gradient_iterations,
+            "cut_samples": self.cut_samples,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "zero_gradient_iterations": self.zero_gradient_iterations}
+        return {
+            **super().state_dict(),
+            "zero_gradient_iterations": self.zero_gradient_iterations,
+            "cut_samples": self.cut_samples,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.zero_gradient_iterations = int(state["zero_gradient_iterations"])
+        self.cut_samples = int(state.get("cut_samples", 0))  # absent in older checkpoints

@@ -16,11 +16,23 @@ not), which is what keeps the two forms equal; `on_lr_change` does it, and so do
 optimizer's rate changed under it (a user's own schedule). Weight decay is part of the gradient (g += wd x,
 before momentum and compression): `bind` moves each torch param group's weight_decay into the algorithm.
 
-The server role is sharded (`server: sharded`): the flat vector is cut into one slice per rank (slices
-aligned to the compressor's blocks or buckets), every worker compresses each slice and one all-to-all
-delivers slice j of every worker to rank j, which acts as the server for it; one all-gather of the
-compressed results brings every slice back to everyone. `server: single` is the textbook layout for
-comparison: rank 0 gathers the whole compressed vectors and broadcasts the compressed result.
+The server role is sharded (`server: sharded`) without changing the algorithm: the result is the
+one of `server: single` (rank 0 gathers the whole compressed vectors and broadcasts C(q)) up to float
+rounding, for every compressor and worker count. The flat vector is cut into one slice per rank
+(`commsgd.compression.slices`); each worker compresses its whole vector, as one server would see it,
+and sends slice j of that payload to rank j (one all-to-all); rank j averages, adds its part of the
+server error and compresses its slice as part of the whole q (statistics that span slices, such as
+scaled sign's ||q||_1 or the rounding grid's min and max, take one small all-reduce; stochastic
+rounding draws the same random words one server would); one all-gather brings every slice back.
+Compressors that pick coordinates over the whole vector (topk, randomk) cannot be cut so: there every
+rank gathers all packed messages and runs the server for the whole vector itself (`layout:
+replicated` in the summary), which gives the same result with no broadcast.
+
+A compression that fails on one rank (a value beyond float16's range, a fixed rounding grid too small)
+does not stop that rank alone: every message carries a status byte, a failed worker or server marks
+its rows, every rank sees the marks in the results, and on every rank the step keeps the algorithm's
+state as it was and hands NaN gradients to the non-finite guard, which skips (or stops) the step on
+all workers alike.
 """
 
 from __future__ import annotations
@@ -39,10 +51,12 @@ from commsgd.algorithms.compressed import (
     OwnsMomentum,
     Traffic,
     Wire,
+    compression_failed,
     derived_seed,
     load_into,
 )
-from commsgd.compression import QSGD, BlockSign, Compressor
+from commsgd.compression import Compressor, NonFiniteError, Payload
+from commsgd.compression.slices import codec_for
 from commsgd.config import bounded
 from commsgd.errors import ConfigError
 
@@ -70,7 +84,7 @@ class DistEFParams(CompressorParams):
 
 @dataclass(frozen=True)
 class Slice:
-    """A contiguous part of the flat vector, its compressor and the byte layout of its payloads."""
+    """A contiguous part of the flat vector, the compressor that decodes it and its payloads' byte layout."""
 
     start: int
     stop: int
@@ -80,33 +94,6 @@ class Slice:
     @property
     def numel(self) -> int:
         return self.stop - self.start
-
-
-def slice_bounds(numel: int, parts: int, align: int) -> list[tuple[int, int]]:
-    """`parts` consecutive ranges covering [0, numel), all but the last a multiple of `align` long
-    (trailing ranges may be empty when the vector is small)."""
-    size = math.ceil(math.ceil(numel / parts) / align) * align
-    return [(min(j * size, numel), min((j + 1) * size, numel)) for j in range(parts)]
-
-
-def segments(numels: Sequence[int], start: int, stop: int) -> list[int]:
-    """Sizes of the pieces of consecutive tensors of `numels` elements that fall in [start, stop)."""
-    sizes, offset = [], 0
-    for n in numels:
-        lo, hi = max(offset, start), min(offset + n, stop)
-        if hi > lo:
-            sizes.append(hi - lo)
-        offset += n
-    return sizes
-
-
-def alignment(compressor: Compressor) -> int:
-    """Slice boundaries fall on block (bucket) boundaries, so slicing does not change the blocks."""
-    if isinstance(compressor, BlockSign) and compressor.sizes is None:
-        return compressor.block_size
-    if isinstance(compressor, QSGD):
-        return compressor.bucket_size
-    return 8  # whole bytes of sign bits
 
 
 @register
@@ -122,28 +109,30 @@ class DistEFSGD(OwnsMomentum):
         super().bind(ctx, model, optimizer)
         self._decay = take_weight_decay(optimizer, self._grads.params)
         numel, world = self._grads.numel, ctx.world_size
-        if self.params.server == "sharded":
-            probe = self.params.build(self._grads.numels)
-            bounds = slice_bounds(numel, world, alignment(probe))
-            self._server_slice: int | None = ctx.rank
+        self._compressor = self.params.build(self._grads.numels)
+        self._codec = codec_for(self._compressor, numel, world) if self.params.server == "sharded" else None
+        if self._codec is not None:
+            self.layout = "sharded"
+            self._slices = [
+                Slice(a, b, self._codec.compressor(j), Wire(self._codec.compressor(j), b - a))
+                for j, (a, b) in enumerate(self._codec.bounds)
+            ]
+            served = self._slices[ctx.rank].numel
         else:
-            bounds = [(0, numel)]
-            self._server_slice = 0 if ctx.rank == SERVER_RANK else None
-        self._slices = [self._slice(start, stop) for start, stop in bounds]
-        self._bytes = max(s.wire.nbytes for s in self._slices)
+            self.layout = "replicated" if self.params.server == "sharded" else "single"
+            self._slices = [Slice(0, numel, self._compressor, Wire(self._compressor, numel))]
+            served = numel if self.layout == "replicated" or ctx.rank == SERVER_RANK else 0
+        self._row = max(s.wire.nbytes for s in self._slices) + 1  # the payload, then a status byte
         device = self._grads.buffer.device
         self._momentum = torch.zeros(numel, device=device)
         self._error = torch.zeros(numel, device=device)
-        served = 0 if self._server_slice is None else self._slices[self._server_slice].numel
         self._server_error = torch.zeros(served, device=device)
         self._worker_gen = torch.Generator(device=device).manual_seed(derived_seed(ctx.seed, 2, ctx.rank))
-        self._server_gen = torch.Generator(device=device).manual_seed(derived_seed(ctx.seed, 3, ctx.rank))
+        # one stream for the server role, whichever ranks play it: the same draws as one server's
+        self._server_gen = torch.Generator(device=device).manual_seed(derived_seed(ctx.seed, 3))
         self._lr: float | None = None
         self._traffic = Traffic.for_allreduce(numel, world)
-
-    def _slice(self, start: int, stop: int) -> Slice:
-        compressor = self.params.build(segments(self._grads.numels, start, stop))
-        return Slice(start, stop, compressor, Wire(compressor, stop - start))
+        self.failed_steps = 0
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -152,23 +141,42 @@ class DistEFSGD(OwnsMomentum):
         self._rescale_errors(float(self.optimizer.param_groups[0]["lr"]))
         comm = self.bound_ctx.comm
         with self._traffic.step(comm):
-            packed = self._worker_compress()
-            if self.params.server == "sharded":
+            packed, worker_state = self._worker_compress(step)
+            if self.layout == "sharded":
                 received = torch.empty_like(packed)
                 comm.all_to_all(received, packed)
-                rows = comm.all_gather(self._serve(received))
+                own, server_error = self._serve(received, self._slices[self.bound_ctx.rank], step)
+                rows = comm.all_gather(own)
+            elif self.layout == "replicated":
+                own, server_error = self._serve(comm.all_gather(packed[0]), self._slices[0], step)
+                rows = own.unsqueeze(0)
             else:
                 gathered = comm.gather(packed[0], dst=SERVER_RANK)
-                rows = self._serve(gathered).unsqueeze(0)
-                comm.broadcast(rows[0], src=SERVER_RANK)
-            result = torch.empty_like(self._grads.buffer)
-            for piece, row in zip(self._slices, rows):
-                result[piece.start : piece.stop] = piece.wire.decode(row)
-            self._grads.scatter(result)
+                if gathered is None:
+                    own, server_error = torch.zeros(self._row, dtype=torch.uint8, device=packed.device), None
+                else:
+                    own, server_error = self._serve(gathered, self._slices[0], step)
+                comm.broadcast(own, src=SERVER_RANK)
+                rows = own.unsqueeze(0)
+        if worker_state is None or bool(rows[:, -1].any()):
+            # every rank sees the same status bytes: all keep their state, all hand NaN to the guard
+            self.failed_steps += 1
+            self._grads.scatter(torch.full_like(self._grads.buffer, math.nan))
+            return
+        self._momentum, error = worker_state
+        if error is not None:
+            self._error = error
+        if server_error is not None:
+            self._server_error = server_error
+        result = torch.empty_like(self._grads.buffer)
+        for piece, row in zip(self._slices, rows):
+            result[piece.start : piece.stop] = piece.wire.decode(row)
+        self._grads.scatter(result)
 
-    def _worker_compress(self) -> Tensor:
-        """Momentum, error feedback and compression of every slice; one row of packed bytes per slice.
-        State (momentum, error) changes only once every slice has compressed (NaN input raises first)."""
+    def _worker_compress(self, step: int) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
+        """Momentum, error feedback and compression of this worker's whole vector, one row of packed bytes
+        per slice; returns the rows and the new (momentum, error), or marked rows and None when the
+        compression fails (the state is then left as it was)."""
         g = self._grads.gather()
         if self._decay:
             for view, p, wd in zip(g.split(self._grads.numels), self._grads.params, self._decay):
@@ -178,41 +186,64 @@ class DistEFSGD(OwnsMomentum):
         momentum = torch.add(g, self._momentum, alpha=mu)
         direction = torch.add(g, momentum, alpha=mu) if self.params.nesterov else momentum
         corrected = direction + self._error if self.params.error_feedback else direction
-        packed = torch.zeros(len(self._slices), self._bytes, dtype=torch.uint8, device=g.device)
+        packed = torch.zeros(len(self._slices), self._row, dtype=torch.uint8, device=g.device)
+        try:
+            payloads = self._compress(corrected, self._worker_gen)
+        except NonFiniteError as exc:
+            compression_failed(self.bound_ctx, step, exc)
+            packed[:, -1] = 1
+            return packed, None
         sent = torch.empty_like(corrected) if self.params.error_feedback else corrected
-        for row, piece in zip(packed, self._slices):
+        for row, piece, payload in zip(packed, self._slices, payloads):
             if piece.numel == 0:
                 continue
-            payload = piece.compressor.compress(
-                corrected[piece.start : piece.stop], generator=self._worker_gen
-            )
             piece.wire.pack(payload, row)
             if self.params.error_feedback:
                 sent[piece.start : piece.stop] = piece.compressor.decompress(payload)
-        self._momentum = momentum
-        if self.params.error_feedback:
-            self._error = corrected.sub_(sent)
-        return packed
+        return packed, (momentum, corrected.sub_(sent) if self.params.error_feedback else None)
 
-    def _serve(self, received: Tensor | None) -> Tensor:
-        """The server's part for its slice: average the workers' messages, add the server error,
-        compress; returns the packed result (zeros on a rank that serves nothing)."""
-        out = torch.zeros(self._bytes, dtype=torch.uint8, device=self._grads.buffer.device)
-        if self._server_slice is None or received is None:
-            return out
-        piece = self._slices[self._server_slice]
-        if piece.numel == 0:
-            return out
+    def _compress(self, x: Tensor, generator: torch.Generator) -> list[Payload]:
+        """C(x) for the whole vector, one payload per slice (each slice's part of the one result)."""
+        if self._codec is None:
+            return [self._compressor.compress(x, generator=generator)]
+        codec = self._codec
+        parts = [x[piece.start : piece.stop] for piece in self._slices]
+        shared = codec.combine([codec.stats(part, j) for j, part in enumerate(parts)])
+        return [codec.encode(part, j, shared, generator) for j, part in enumerate(parts)]
+
+    def _serve(self, received: Tensor, piece: Slice, step: int) -> tuple[Tensor, Tensor | None]:
+        """The server's part for `piece`: average the workers' rows, add the server error, compress;
+        returns the packed row (status byte set when a worker's row or this compression failed) and the
+        new server error (None when it failed)."""
+        out = torch.zeros(self._row, dtype=torch.uint8, device=self._grads.buffer.device)
+        failed = bool(received[:, -1].any())
         mean = torch.zeros(piece.numel, device=out.device)
-        for row in received:
-            mean.add_(piece.wire.decode(row))
-        mean.div_(received.shape[0])
-        if self.params.error_feedback:
-            mean.add_(self._server_error)
-        payload = piece.compressor.compress(mean, generator=self._server_gen)
-        if self.params.error_feedback:
-            self._server_error = mean.sub_(piece.compressor.decompress(payload))
-        return piece.wire.pack(payload, out)
+        if not failed:
+            for row in received:
+                mean.add_(piece.wire.decode(row))
+            mean.div_(received.shape[0])
+            if self.params.error_feedback:
+                mean.add_(self._server_error)
+        try:
+            payload = self._serve_compress(mean)  # also on a failed step: every owner draws alike
+        except NonFiniteError as exc:
+            compression_failed(self.bound_ctx, step, exc)
+            failed = True
+        if failed:
+            out[-1] = 1
+            return out, None
+        piece.wire.pack(payload, out)
+        return out, mean.sub_(piece.compressor.decompress(payload)) if self.params.error_feedback else None
+
+    def _serve_compress(self, mean: Tensor) -> Payload:
+        """C(q) for the served part: all of q, or this rank's slice of it (collective when sharded)."""
+        if self._codec is None:
+            return self._compressor.compress(mean, generator=self._server_gen)
+        codec, j = self._codec, self.bound_ctx.rank
+        shared = codec.stats(mean, j)
+        if codec.num_stats:
+            self.bound_ctx.comm.all_reduce(shared, op=codec.op)
+        return codec.encode_alone(mean, j, shared, self._server_gen)
 
     # -- learning rate -----------------------------------------------------------------------
 
@@ -238,6 +269,7 @@ class DistEFSGD(OwnsMomentum):
             "server_generator": self._server_gen.get_state(),
             "lr": self._lr,
             "traffic": self._traffic.state_dict(),
+            "failed_steps": self.failed_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -248,9 +280,16 @@ class DistEFSGD(OwnsMomentum):
         self._server_gen.set_state(state["server_generator"])
         self._lr = state["lr"]
         self._traffic.load_state_dict(state["traffic"])
+        self.failed_steps = int(state.get("failed_steps", 0))
 
     def summary(self) -> dict[str, Any]:
-        return {"compressor": self.params.compressor, "server": self.params.server, **self._traffic.summary()}
+        return {
+            "compressor": self.params.compressor,
+            "server": self.params.server,
+            "layout": self.layout,
+            "failed_steps": self.failed_steps,
+            **self._traffic.summary(),
+        }
 
 
 def take_weight_decay(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[float]:

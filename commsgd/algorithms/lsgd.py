@@ -9,7 +9,10 @@ never chosen); it broadcasts its parameters and every worker moves toward them (
 Leaders. `leaders: single`: one leader for all workers every `tau` steps. `leaders: node` with
 several nodes (LOCAL_WORLD_SIZE or `cluster.group_size`): a local leader per node every `tau` steps,
 pulled with `pull`, and a global leader over all workers every `tau_global` steps, pulled with
-`pull_global`. Traffic per round: one scalar all-gather (the loss estimates; over the node for a
+`pull_global`. When every node holds one worker (torchrun with one GPU per machine, group_size=1) the
+node level is empty and the leader of all workers is the first level: it runs every `tau` steps with
+`pull`, as `leaders: single` does (`tau_global` and `pull_global` are then not used; rank 0 says so
+when they were set). Traffic per round: one scalar all-gather (the loss estimates; over the node for a
 local-only round, over all workers when a global round is due) plus one broadcast of the leader's
 flat model state per level, within the node or across all workers.
 
@@ -24,6 +27,7 @@ the (global) leader (`evaluate: leader`). Every round's choice is logged to the 
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -126,11 +130,22 @@ class LSGD(RoundAlgorithm):
 
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         p = self.params
-        if p.leaders == "node" and ctx.num_nodes > 1:
+        if p.leaders == "node" and 1 < ctx.num_nodes < ctx.world_size:
             levels = [Level("local", ctx.node_group, p.tau, p.pull)]
             levels.append(Level("global", ctx.world, p.global_period, p.global_pull))
-        else:
+        else:  # one node, leaders=single, or one worker per node: the one level runs at tau with pull
             levels = [Level("global", ctx.world, p.tau, p.pull)]
+            if p.leaders == "node" and ctx.num_nodes > 1 and ctx.rank == 0:
+                given = {"tau_global": p.tau_global, "pull_global": p.pull_global}
+                note = [f"{k}={v}" for k, v in given.items() if v is not None]
+                if note:
+                    print(
+                        f"commsgd: warning: lsgd: every node has one worker, so leaders=node has one level: "
+                        f"a leader of all workers every tau={p.tau} steps with pull={p.pull}; "
+                        f"{', '.join(note)} not used",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         self.levels = [lv for lv in levels if lv.group.size > 1]  # a group of one has nobody to pull
         self._periods = [lv.period for lv in self.levels] or [p.tau]
         super().bind(ctx, model, optimizer)

@@ -126,12 +126,16 @@ class RoundAlgorithm(Algorithm):
     def asynchronous(self) -> bool:
         return bool(getattr(self.params, "mode", "sync") == "async")
 
+    @property
+    def step_aligned(self) -> bool:
+        return not self.asynchronous
+
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
         self.state = ModelState(model)
         self.source = self.state.empty()
         if self.asynchronous:
-            self.clock = AsyncRounds(ctx, self.periods())
+            self.clock = AsyncRounds(ctx, self.periods(), self.checkpoint_every)
             self.clock.load_state_dict(self._pending_clock)
 
     def is_round(self, step: int) -> bool:
@@ -170,6 +174,14 @@ class RoundAlgorithm(Algorithm):
     def finish(self) -> None:
         if self.clock is not None:
             self.clock.finish(self._async_round)
+
+    def checkpoint_label(self, step: int) -> int | None:
+        if self.clock is None:
+            return super().checkpoint_label(step)
+        return self.clock.checkpoint_label()
+
+    def final_checkpoint_label(self, step: int, total_steps: int) -> int:
+        return step if self.clock is None else total_steps
 
     # -- resume ---------------------------------------------------------------------------------
 

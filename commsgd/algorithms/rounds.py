@@ -23,8 +23,19 @@ inside its loop (each worker says so in the round's own collective, see `RoundAl
 the first such round past each multiple of the evaluation period. A worker stops joining rounds
 after an evaluation round until it has evaluated, so all workers evaluate between the same rounds.
 
+Checkpoints (`checkpoint_every` C > 0) sit on the same schedule: checkpoint m*C is due once the job
+has handed out the tickets up to m*C*W (m*C below the budget's B / W). Each worker writes it at its
+first step boundary after that, having joined exactly the rounds at or before virtual step m*C
+(`_join` stops there, as it stops for an evaluation), so the round state in every worker's file
+(center variable, leaders, rounds done) is the same. The label is m*C on every worker; the file holds
+the worker's own step and data position. Every worker writes every checkpoint, one per step, so one
+whose step passed several writes them at its next steps. The workers' steps in one checkpoint sum to
+m*C*W (every ticket at or below it was a finished step, every pending ticket is above it), or a
+little more when a worker wrote it a step or more late: resuming counts the steps actually taken.
+
 Resume. The counter starts from zero in every launch. On its first `should_stop` each worker reports
-its step; the counter is moved on by their sum and rounds at or before that point count as done.
+its step; the counter is moved on by their sum. The rounds done are those in the checkpoint (the same
+on every worker); for an older checkpoint whose workers disagree, those at or before the job's steps.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ RoundFn = Callable[[int, bool], "bool | None"]
 class AsyncRounds:
     """One worker's view of the asynchronous schedule: its tickets, the rounds it joined, evaluation."""
 
-    def __init__(self, ctx: WorkerContext, periods: Sequence[int]) -> None:
+    def __init__(self, ctx: WorkerContext, periods: Sequence[int], checkpoint_every: int = 0) -> None:
         if not periods or min(periods) < 1:
             raise ValueError(f"round periods must be positive, got {list(periods)}")
         self.ctx = ctx
@@ -54,6 +65,9 @@ class AsyncRounds:
         self.last_eval = 0  # virtual step of the last evaluation round
         self.every: int | None = None
         self.eval_due = False
+        self.checkpoint_every = checkpoint_every
+        self.checkpointed = 0  # virtual step of the last checkpoint due (or restored)
+        self._checkpoint_due: int | None = None
         self._started = False
 
     def next_round(self, vstep: int) -> int:
@@ -64,14 +78,21 @@ class AsyncRounds:
         """Agree on where the job stands (fresh start or resume); collective, once per launch."""
         ctx = self.ctx
         with ctx.comm.meter.in_phase("control"):
-            reports = ctx.comm.all_gather_json([step, self.done, self.last_eval])
+            reports = ctx.comm.all_gather_json([step, self.done, self.last_eval, self.checkpointed])
             base = sum(int(r[0]) for r in reports)
             if base:
                 if ctx.rank == 0:
                     ctx.add_global_steps(base)
                 ctx.comm.barrier()
-        self.done = max([int(r[1]) for r in reports] + [base // ctx.world_size])
+        joined = {int(r[1]) for r in reports}
+        if len(joined) == 1:  # one checkpoint of the job's schedule (or a fresh start): rounds done agree
+            self.done = joined.pop()
+        else:  # an older checkpoint taken at one local step: the rounds up to the job's steps count as done
+            self.done = max([*joined, base // ctx.world_size])
         self.last_eval = max(int(r[2]) for r in reports)
+        every = self.checkpoint_every
+        floor = (base // ctx.world_size) // every * every if every else 0  # also without a saved mark
+        self.checkpointed = max([int(r[3]) for r in reports] + [floor])
         self._started = True
 
     def should_stop(self, step: int, total_steps: int) -> bool:
@@ -100,14 +121,36 @@ class AsyncRounds:
 
     def _join(self, upto: int, run: RoundFn, in_loop: bool) -> None:
         vstep = self.next_round(self.done)
-        while vstep <= upto:
+        while True:
+            if in_loop and self._checkpoint_before(vstep, upto):
+                return  # checkpoint before the next round
+            if vstep > upto:
+                return
             everyone_ready = run(vstep, in_loop and self.every is not None)
             self.done = vstep
             self.rounds += 1
             if everyone_ready and self.every and vstep // self.every > self.last_eval // self.every:
                 self.last_eval, self.eval_due = vstep, True
+                if in_loop:  # a checkpoint before the next round follows the evaluation
+                    self._checkpoint_before(self.next_round(vstep), upto)
                 return  # evaluate before the next round
             vstep = self.next_round(vstep)
+
+    def _checkpoint_before(self, vstep: int, upto: int) -> bool:
+        """Make the next checkpoint due if the job has reached it and it comes before round `vstep`."""
+        every = self.checkpoint_every
+        if not every or self.budget is None:
+            return False
+        mark = (self.checkpointed // every + 1) * every  # every worker writes every one, in order
+        if mark > upto or mark >= vstep or mark * self.ctx.world_size >= self.budget:
+            return False  # not reached, after the next round, or at the end (the final checkpoint)
+        self.checkpointed = self._checkpoint_due = mark
+        return True
+
+    def checkpoint_label(self) -> int | None:
+        """The virtual step of the checkpoint due after this worker's current step, or None."""
+        due, self._checkpoint_due = self._checkpoint_due, None
+        return due
 
     def should_evaluate(self, every: int) -> bool:
         self.every = every
@@ -115,10 +158,16 @@ class AsyncRounds:
         return due
 
     def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "rounds": self.rounds, "last_eval": self.last_eval}
+        return {
+            "done": self.done,
+            "rounds": self.rounds,
+            "last_eval": self.last_eval,
+            "checkpointed": self.checkpointed,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.done = int(state.get("done", 0))
         self.rounds = int(state.get("rounds", 0))
         self.last_eval = int(state.get("last_eval", 0))
-        self.ticket, self._started = 0, False
+        self.checkpointed = int(state.get("checkpointed", 0))
+        self.ticket, self._started, self._checkpoint_due = 0, False, None

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from commsgd.algorithms.base import NextBatch, Slowdown
+from commsgd.algorithms.base import MiniBatch, NextBatch, Slowdown
 
 StragglerMode = Literal["off", "per_iteration", "per_worker"]
 NO_SLOWDOWN = Slowdown()
@@ -87,8 +87,9 @@ class DeadlineResult:
     """What one deadline-bounded computation produced."""
 
     loss: float  # mean over the finished samples; the unfinished batch's loss when none finished
-    samples: int
-    batches: int
+    samples: int  # every sample finished by the deadline, those of a batch it cut short included
+    batches: int  # whole batches finished
+    cut_samples: int = 0  # samples of the batch the deadline cut short that were finished in time
 
 
 def gradient_by_deadline(
@@ -100,42 +101,59 @@ def gradient_by_deadline(
     max_batches: int = 0,
     slowdown: Slowdown = NO_SLOWDOWN,
 ) -> DeadlineResult:
-    """Compute gradients on mini-batches until `deadline_s` seconds have passed; leave their
-    sample-weighted mean in each parameter's `.grad` (zeros when no batch finished in time).
+    """Compute gradients on mini-batches until `deadline_s` seconds have passed; leave the mean
+    gradient over every sample finished by then in each parameter's `.grad` (zeros when none).
 
     A batch costs its real compute time plus `seconds_per_sample` per sample, plus what `slowdown`
-    adds on a slowed worker (both slept). A batch that would end after the deadline is dropped and the
-    worker idles until the deadline, as a worker that is cut off there would. `max_batches` > 0 stops
-    early after that many finished batches.
+    adds on a slowed worker (both slept). Samples are counted, as in QuanTimed-DSGD: of a batch that
+    would end after the deadline, the first n samples that fit at that batch's cost per sample count
+    (their gradient is computed again on `batch.head(n)`; that real compute runs past the deadline),
+    and the worker idles until the deadline, as a worker cut off there would. A batch without `head`
+    gives no samples when cut. `max_batches` > 0 stops early after that many finished batches.
     """
     deadline = time.perf_counter() + deadline_s
     totals = [torch.zeros_like(p) for p in params]
-    samples = batches = 0
+    samples = batches = cut = 0
     loss_sum, last = 0.0, math.nan
+
+    def add(batch_size: int, loss: float) -> None:
+        nonlocal samples, loss_sum
+        for total, p in zip(totals, params):
+            if p.grad is not None:
+                total.add_(p.grad, alpha=float(batch_size))
+        samples += batch_size
+        loss_sum += loss * batch_size
+
     while max_batches == 0 or batches < max_batches:
         batch = next_batch()
-        for p in params:
-            p.grad = None
         began = time.perf_counter()
-        value = batch.loss()
-        value.backward()
-        last = float(value.detach().item())
+        last = _backward(params, batch)
         real_s = time.perf_counter() - began
         delay = seconds_per_sample * batch.size + slowdown.delay(real_s, per_step=batches == 0)
         left = deadline - time.perf_counter()
-        if delay > left:  # not finished by the deadline: dropped
-            sleep(max(left, 0.0))
+        if delay > left:  # not finished by the deadline: only the samples that fit count
+            per_sample = (real_s + delay) / max(batch.size, 1)
+            fit = min(int((deadline - began) / per_sample), batch.size - 1) if per_sample > 0 else 0
+            if fit > 0 and batch.head is not None:
+                add(fit, _backward(params, batch.head(fit)))
+                cut = fit
+            sleep(max(deadline - time.perf_counter(), 0.0))
             break
         sleep(delay)
-        for total, p in zip(totals, params):
-            if p.grad is not None:
-                total.add_(p.grad, alpha=float(batch.size))
-        samples += batch.size
+        add(batch.size, last)
         batches += 1
-        loss_sum += last * batch.size
         if time.perf_counter() >= deadline:
             break
     scale = 1.0 / samples if samples else 0.0
     for total, p in zip(totals, params):
         p.grad = total.mul_(scale)
-    return DeadlineResult(loss_sum / samples if samples else last, samples, batches)
+    return DeadlineResult(loss_sum / samples if samples else last, samples, batches, cut)
+
+
+def _backward(params: Sequence[torch.Tensor], batch: MiniBatch) -> float:
+    """Fresh gradients of `batch`'s mean loss in `params`' `.grad`; returns the loss."""
+    for p in params:
+        p.grad = None
+    value = batch.loss()
+    value.backward()
+    return float(value.detach().item())

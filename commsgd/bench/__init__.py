@@ -1,8 +1,11 @@
 """`commsgd bench NAME`: benchmarks from real runs; tables, JSON and plots go to ``--out``.
 
     commsgd bench all --out benchmarks/results      the whole suite (about 20 minutes on 2 cores)
-    commsgd bench all --quick --out /tmp/bench      tiny sizes: checks the pipeline in a couple of minutes
+    commsgd bench all --quick                       tiny sizes: checks the pipeline in a couple of minutes
     commsgd bench overhead | bytes | compressors | powersgd | paper | scaling | stragglers | cluster
+
+Without --out, results go to a new folder runs/<time>-bench-<name>[-quick]-<hex>: only an explicit
+--out writes the committed benchmarks/results, and a --quick run into a folder of full results is refused.
 
 Algorithms that are not registered yet are skipped with a note in the result file.
 """
@@ -43,7 +46,9 @@ def _module(name: str) -> ModuleType:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--out", default="benchmarks/results", help="results folder (default: benchmarks/results)"
+        "--out",
+        help="results folder (default: a new runs/<time>-bench-<name>-<hex>; the committed results are "
+        "made with --out benchmarks/results)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes: a pipeline check, not a measurement"
@@ -141,10 +146,38 @@ def _command(args: argparse.Namespace) -> str:
     return f"commsgd bench {args.bench} --out {shlex.quote(args.out)}{quick}"
 
 
+def holds_full_results(out: Path) -> bool:
+    """Whether `out` has results of a full (not --quick) benchmark run, by its index.json."""
+    import json
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        entries = json.loads((out / "index.json").read_text(encoding="utf-8")).get("entries", {})
+        return any(isinstance(e, dict) and e.get("quick") is False for e in entries.values())
+    return False
+
+
+def choose_out(args: argparse.Namespace) -> None:
+    """Set `args.out`: a fresh folder under runs/ when none is given (so quick and ad-hoc runs never
+    land in the committed benchmarks/results); a --quick run into a folder of full results is refused."""
+    from commsgd.errors import ConfigError
+    from commsgd.rundir import new_run_dir, shown_path
+
+    if args.out is None:
+        stem = f"bench-{args.bench}" + ("-quick" if args.quick else "")
+        args.out = str(new_run_dir(Path("runs"), stem))
+        print(f"bench: results go to {args.out}", file=sys.stderr, flush=True)
+    elif args.quick and holds_full_results(Path(args.out)):
+        raise ConfigError(
+            f"out: {shown_path(args.out)} holds full results (index.json): a --quick run would overwrite "
+            "them with numbers that mean nothing; choose another --out"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     if args.bench is None:
         print(__doc__)
         return 0
+    choose_out(args)
     command = _command(args)
     if args.bench != "all":
         run_one(args.bench, args, command)

@@ -8,7 +8,7 @@
 Names: see `COMPRESSORS`. Non-finite input raises `NonFiniteError`.
 """
 
-from commsgd.compression.base import Compressor, NonFiniteError, Payload
+from commsgd.compression.base import Compressor, NonFiniteError, Payload, poisoned
 from commsgd.compression.bits import pack_signs, packed_size, unpack_signs
 from commsgd.compression.blocks import Blocks
 from commsgd.compression.cast import BFloat16, Float16, Identity
@@ -44,6 +44,7 @@ __all__ = [
     "orthonormalize_",
     "pack_signs",
     "packed_size",
+    "poisoned",
     "stochastic_round_",
     "unpack_signs",
 ]

@@ -21,9 +21,12 @@ ShapeLike = int | Sequence[int]
 
 
 class NonFiniteError(ValueError):
-    """The tensor to compress holds NaN or Inf, or its statistics overflow float32.
+    """The tensor to compress holds NaN or Inf, its statistics overflow float32, or it lies outside
+    what the compressor represents (float16 beyond 65504, a fixed rounding grid).
 
-    Raised instead of letting NaN spread silently into every worker's model through an all-reduce.
+    Raised instead of letting NaN spread silently into every worker's model through an all-reduce. A
+    worker that gets it while the others wait in a collective sends `poisoned(...)` instead of dropping
+    out, so that every worker sees the step fail (see `commsgd.algorithms.compressed`).
     """
 
 
@@ -137,6 +140,17 @@ class Compressor(ABC):
     @abstractmethod
     def _decode(self, payload: Payload) -> Tensor:
         """Flat float32 tensor of `payload.numel` elements."""
+
+
+def poisoned(payload: Payload) -> Payload:
+    """`payload` with every floating-point buffer NaN: whatever it is added to or decoded into is not
+    finite, so a failed compression reaches every receiver as a failed step (the integer buffers, e.g.
+    indices, keep their valid values)."""
+    buffers = {
+        name: torch.full_like(b, math.nan) if b.is_floating_point() else b
+        for name, b in payload.buffers.items()
+    }
+    return payload.with_buffers(buffers)
 
 
 def check_finite(owner: str, *stats: Tensor) -> None:

@@ -41,8 +41,16 @@ class ErrorFeedback:
         return payload
 
     def error(self, name: str) -> Tensor | None:
-        """The error kept under `name` (None before its first compression)."""
+        """The error kept under `name` (None before its first compression). `compress` never changes a
+        kept error in place, so the tensor returned here stays as it is: a snapshot for `restore`."""
         return self._errors.get(name)
+
+    def restore(self, name: str, error: Tensor | None) -> None:
+        """Put back an error returned by `error(name)` before a step that the job skipped."""
+        if error is None:
+            self._errors.pop(name, None)
+        else:
+            self._errors[name] = error
 
     def rescale(self, factor: float) -> None:
         """Multiply every error by `factor`; dist-EF-SGD uses eta_{t-1} / eta_t when the step size changes."""

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from commsgd.compression.base import BufferSpec, Compressor, Payload, check_finite, float_param, int_param
+from commsgd.compression.base import (
+    BufferSpec,
+    Compressor,
+    NonFiniteError,
+    Payload,
+    check_finite,
+    float_param,
+    int_param,
+)
 from commsgd.compression.blocks import Blocks
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -18,11 +26,26 @@ def stochastic_round_(t: Tensor, generator: torch.Generator | None = None) -> Te
     The dither u in floor(t + u) has 16-bit resolution, four values per 64-bit draw, which makes it about
     three times cheaper than torch.rand on a CPU; the price is a bias of at most 2^-17 of one step.
     """
-    words = torch.empty((t.numel() + 3) // 4, dtype=torch.int64, device=t.device)
+    words = torch.empty(noise_words(t.numel()), dtype=torch.int64, device=t.device)
     words.random_(-(2**63), None, generator=generator)
     noise = words.view(torch.int16)[: t.numel()].view(t.shape).to(torch.float32)
     # noise is uniform on {-2^15, ..., 2^15 - 1}; u = (noise + 2^15 + 1/2) / 2^16 lies in (0, 1).
     return t.add_(noise, alpha=2.0**-16).add_(0.5 + 2.0**-17).floor_()
+
+
+def noise_words(numel: int) -> int:
+    """Random 64-bit words `stochastic_round_` draws for `numel` entries (four 16-bit dithers a word)."""
+    return (numel + 3) // 4
+
+
+def skip_noise(words: int, generator: torch.Generator, chunk: int = 1 << 20) -> None:
+    """Advance `generator` as drawing `words` words of rounding noise would, keeping none of them (a
+    sharded server steps past the other slices' noise; drawn in chunks to bound memory)."""
+    buffer = torch.empty(min(words, chunk), dtype=torch.int64, device=generator.device)
+    while words > 0:
+        part = buffer[: min(words, chunk)]
+        part.random_(-(2**63), None, generator=generator)
+        words -= part.numel()
 
 
 class QSGD(Compressor):
@@ -80,7 +103,8 @@ class Rounding(Compressor):
     center + l * step with an integer level l of `bits` bits, E = x, variance <= step^2 / 4 per coordinate.
 
     With `step` unset the grid spans [min x, max x] in 2^bits - 1 steps; with `step` set the grid is
-    step * Z (a fixed variance bound) and a tensor spanning more than 2^bits - 1 steps raises ValueError.
+    step * Z (a fixed variance bound) and a tensor spanning more than 2^bits - 1 steps raises
+    NonFiniteError (out of range, like a float16 overflow).
     Levels travel as int8 (bits <= 8) or int16, in [-2^(bits-1), 2^(bits-1)), plus float32 center and
     step (8 bytes).
     """
@@ -104,6 +128,13 @@ class Rounding(Compressor):
         self, flat: Tensor, payload: Payload, *, generator: torch.Generator | None, key: str | None
     ) -> None:
         lo, hi = torch.aminmax(flat)
+        self.encode_on_grid(flat, payload, lo, hi, generator)
+
+    def encode_on_grid(
+        self, flat: Tensor, payload: Payload, lo: Tensor, hi: Tensor, generator: torch.Generator | None
+    ) -> None:
+        """Fill `payload` for `flat` on the grid of a tensor spanning [lo, hi] (which holds `flat`): its
+        own range, or a whole vector's when `flat` is one slice of it (`commsgd.compression.slices`)."""
         check_finite(self.name, lo, hi)
         steps, half = 2**self.bits - 1, 2 ** (self.bits - 1)
         if self.step is None:
@@ -115,8 +146,8 @@ class Rounding(Compressor):
             step = torch.tensor(self.step, device=flat.device)
             origin = torch.floor(lo / step) * step
             span = float((hi - origin) / step)
-            if not span <= steps:
-                raise ValueError(
+            if not span <= steps:  # out of range, as a float16 overflow is: the guard's business
+                raise NonFiniteError(
                     f"{self.name}: values span {span:.0f} steps of {self.step:g}, more than the {steps} that "
                     f"bits={self.bits} holds; raise step or bits"
                 )

@@ -146,8 +146,9 @@ class RandomK(Sparsifier):
     ) -> None:
         if not self.shared_indices:
             self._check_size(flat.numel())
-        check_finite(self.name, *torch.aminmax(flat))
+        # drawn before the check: a worker whose input fails stays in step with the shared generator
         indices = self.draw_indices(flat.numel(), generator, flat.device)
+        check_finite(self.name, *torch.aminmax(flat))
         values = flat[indices]  # advanced indexing copies: the buffer never aliases the input
         payload.buffers["values"] = values.mul_(flat.numel() / indices.numel()) if self.scaled else values
         if self.shared_indices:

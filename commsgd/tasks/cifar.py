@@ -16,7 +16,7 @@ from torch import Tensor
 
 from commsgd.errors import DataError
 from commsgd.tasks.dataset import Dataset, DatasetSpec
-from commsgd.tasks.transforms import CifarTestTransform, CifarTrainTransform
+from commsgd.tasks.transforms import CenterCropTransform, CropFlipTransform
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -103,19 +103,24 @@ def _stack(paths: list[Path]) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
+def cifar_transforms(model: str) -> tuple[int, CropFlipTransform, CenterCropTransform]:
+    """Crop size and transforms of 32x32 images for `model` (LSGD supplement sec. 9.1).
+
+    cnn7 and resnet20 see random 28x28 crops (the centre 28x28 at test); other models random 32x32
+    crops of the image zero-padded to 40x40 (the whole image at test). Both flip with p=0.5.
+    """
+    crop, pad = (28, 0) if model in CROP_28_MODELS else (32, 4)
+    return crop, CropFlipTransform(crop, pad), CenterCropTransform(crop)
+
+
 def load_cifar10(data_dir: str, model: str) -> Dataset:
-    """Load CIFAR-10 kept as uint8; crops are 28x28 for cnn7/resnet20, padded 32x32 crops otherwise."""
+    """Load CIFAR-10 kept as uint8, with the preprocessing of `cifar_transforms`."""
     folder = locate(data_dir)
     train_x, train_y = _stack([folder / name for name in TRAIN_FILES])
     test_x, test_y = _stack([folder / TEST_FILE])
-    if model in CROP_28_MODELS:
-        crop, pad = 28, 0
-    else:
-        crop, pad = 32, 4
+    crop, train_transform, test_transform = cifar_transforms(model)
     spec = DatasetSpec("cifar10", "image", (3, crop, crop), 10)
-    return Dataset(
-        spec, train_x, train_y, test_x, test_y, CifarTrainTransform(crop, pad), CifarTestTransform(crop)
-    )
+    return Dataset(spec, train_x, train_y, test_x, test_y, train_transform, test_transform)
 
 
 def _fake_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Convolutional image classifiers: a small CNN for digits, and the CIFAR models of the papers we reproduce.
+"""Convolutional image classifiers: a small CNN for digits, the CIFAR models of the papers we reproduce,
+and the ImageNet ResNet-50 of the LSGD paper's ImageNet runs (sec. 9, Table 5).
 
 Every model takes (B, C, H, W) float input and returns (B, classes) logits; sizes after the conv
 stack are found by a dummy forward or adaptive pooling, so 8x8, 28x28 and 32x32 inputs all work.
@@ -127,3 +128,65 @@ def vgg16(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         nn.ReLU(),
         nn.Linear(512, num_classes),
     )
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (with the stride), 1x1 expand to 4x `width`; a projection shortcut if shapes change."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int) -> None:
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+RESNET50_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # (width, blocks, stride)
+
+
+class ResNet50(nn.Module):
+    """ImageNet ResNet-50 (He et al. 2016, the stride in the 3x3 conv): 25.56M parameters for 1000 classes.
+
+    A 7x7/2 stem and 3x3/2 max pool, four stages of bottleneck blocks, global average pooling and a
+    linear head. Convolutions start from He (fan-out) initialisation as in the paper.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        blocks: list[nn.Module] = []
+        channels = 64
+        for width, count, stride in RESNET50_STAGES:
+            for i in range(count):
+                blocks.append(Bottleneck(channels, width, stride if i == 0 else 1))
+                channels = width * Bottleneck.expansion
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor
+
+from commsgd.tasks.dataset import DatasetSpec
 
 
 def loss_and_errors(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -18,3 +22,14 @@ def loss_and_errors(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     loss = F.cross_entropy(output, target)
     errors = (output.detach().argmax(dim=1) != target).sum()
     return loss, errors
+
+
+def derived_metrics(spec: DatasetSpec, test_loss: float) -> dict[str, float]:
+    """Extra scores of a test loss: bits per character and perplexity for character-level text.
+
+    The loss is the mean cross-entropy in nats per character, so bits per character = loss / ln 2 and
+    perplexity = exp(loss). Other kinds of task get none.
+    """
+    if spec.kind != "text":
+        return {}
+    return {"test_bits_per_char": test_loss / math.log(2), "test_perplexity": math.exp(min(test_loss, 700.0))}

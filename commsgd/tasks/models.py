@@ -11,7 +11,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from commsgd.errors import ConfigError
-from commsgd.tasks.convnets import ResNet20, cnn7, cnn_small, vgg16
+from commsgd.tasks.convnets import ResNet20, ResNet50, cnn7, cnn_small, vgg16
 from commsgd.tasks.dataset import DatasetSpec
 
 HIDDEN = 128
@@ -66,6 +66,11 @@ def resnet20(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return ResNet20(input_shape[0], num_classes)
 
 
+def resnet50(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """ResNet-50 for ImageNet-style images (224x224 in the paper's setting)."""
+    return ResNet50(input_shape[0], num_classes)
+
+
 _BUILDERS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "mlp": mlp,
     "sigmoid_mlp": sigmoid_mlp,
@@ -74,19 +79,20 @@ _BUILDERS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "cnn7": cnn7,
     "resnet20": resnet20,
     "vgg16": vgg16,
+    "resnet50": resnet50,
     "lstm": lstm,
 }
 MODELS = tuple(_BUILDERS)
 _DENSE = ("mlp", "sigmoid_mlp", "logreg")
 COMPATIBLE: dict[str, tuple[str, ...]] = {
-    "image": (*_DENSE, "cnn_small", "cnn7", "resnet20", "vgg16"),
+    "image": (*_DENSE, "cnn_small", "cnn7", "resnet20", "vgg16", "resnet50"),
     "vector": _DENSE,
     "text": ("lstm",),
 }
 
 
-def build_model(name: str, spec: DatasetSpec) -> nn.Module:
-    """Build model `name` sized for `spec`; ConfigError if unknown or unfit for the data set kind."""
+def check_model_fits(name: str, spec: DatasetSpec) -> None:
+    """ConfigError if model `name` is unknown or does not fit the data set kind of `spec`."""
     if name not in _BUILDERS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     fits = COMPATIBLE[spec.kind]
@@ -94,4 +100,9 @@ def build_model(name: str, spec: DatasetSpec) -> nn.Module:
         raise ConfigError(
             f"model {name!r} does not fit {spec.kind} data set {spec.name!r}; use one of {', '.join(fits)}"
         )
+
+
+def build_model(name: str, spec: DatasetSpec) -> nn.Module:
+    """Build model `name` sized for `spec`; ConfigError if unknown or unfit for the data set kind."""
+    check_model_fits(name, spec)
     return _BUILDERS[name](spec.input_shape, spec.num_classes)

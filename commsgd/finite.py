@@ -1,0 +1,54 @@
+"""Cheap non-finite checks (NaN, +-Inf) over many tensors: the non-finite guard's building block.
+
+`flag_nonfinite` leaves its answer in a tensor (no host sync: it can run inside backward, between
+launches of asynchronous all-reduces); `all_finite` reads it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def flag_nonfinite(tensors: Iterable[torch.Tensor], found: torch.Tensor) -> None:
+    """Make `found` (a 0-d float tensor) non-zero if any element of `tensors` is NaN or +-Inf.
+
+    Floating tensors on `found`'s device go through torch's fused multi-tensor non-finite check (the
+    one AMP's grad scaler uses, with a scale of 1, which leaves the values as they are); anything else
+    is checked by summing each tensor (a NaN or an Inf anywhere makes the sum non-finite; a sum of
+    finite float32 values overflows only near 3.4e38, where a step is useless anyway). Integer tensors
+    are always finite. Never synchronises with the device.
+    """
+    floats = [t for t in tensors if t.is_floating_point()]
+    if not floats:
+        return
+    if all(t.device == found.device for t in floats):
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                floats, found, torch.ones((), device=found.device)
+            )
+        except (RuntimeError, NotImplementedError):  # a dtype or device the fused kernel lacks
+            pass
+        else:
+            return
+    sums = [
+        (t.sum(dtype=torch.float32) if t.dtype in _LOW_PRECISION else t.sum()).to(found.device)
+        for t in floats
+    ]
+    found.add_(torch.stack(sums).sum().isfinite().logical_not().to(found.dtype))
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with one sync (see `flag_nonfinite`)."""
+    floats = [t for t in tensors if t.is_floating_point()]
+    if not floats:
+        return True
+    found = torch.zeros((), device=floats[0].device)
+    flag_nonfinite(floats, found)
+    return not bool(found)
+
+
+__all__ = ["all_finite", "flag_nonfinite"]
