@@ -128,7 +128,7 @@ def worker_entry(cfg_data: dict[str, Any], run_dir: str | None, resume: bool) ->
     from commsgd.context import PeerFailure
     from commsgd.train import run_worker
 
-    signals = interrupt.install()
+    signals = interrupt.RECEIVED  # installed once the worker has joined its group (run_worker)
     cfg = from_dict(Config, cfg_data)
     path = Path(run_dir) if run_dir else None
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from commsgd import checkpoint
+from commsgd import checkpoint, interrupt
 from commsgd.algorithms import Algorithm, build_algorithm
 from commsgd.algorithms.base import MiniBatch, Slowdown
 from commsgd.api import CommOptimizer, NonFiniteError
@@ -208,7 +208,7 @@ class Trainer:
         return True
 
     def _start_again(self, saved: list[list[int]]) -> None:
-        """Nothing to restore: say so on a restart, and drop an unfinished first checkpoint's files."""
+        """Nothing to restore: say so on a restart, and drop the files of checkpoints never finished."""
         ctx = self.ctx
         if ctx.restart_count > 0 and ctx.is_main:
             if any(saved):
@@ -649,6 +649,9 @@ def run_worker(cfg: Config, run_dir: Path | None, resume: bool) -> dict[str, Any
     if run_dir is None:
         raise ConfigError("out: a run directory is needed")
     ctx = create_context(cfg.cluster, cfg.network, cfg.seed, run_dir)
+    # Only now: a worker still joining its process group is blocked in C++, where a recorded signal
+    # would never be acted on; until here SIGTERM ends it at once (the agent then stops the rest).
+    interrupt.install()
     try:
         write_worker_record(run_dir, ctx)
         return _train(cfg, ctx, run_dir, resume)

@@ -153,6 +153,9 @@ def test_pool_decoding_matches_decoding_in_process(
         list(decode.decode_chunks(root, [*paths, _big_image(root)], None, workers=2))
     large = np.concatenate(list(decode.decode_chunks(root, paths[:6], 256, workers=2)))
     assert large.shape == (6, 3, 256, 256)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG")  # an error in a pool worker reaches us
+    with pytest.raises(DataError, match=r"cannot decode image .*broken\.jpg"):
+        list(decode.decode_chunks(root, [*paths, "broken.jpg"], None, workers=2))
 
 
 def _big_image(root: Path) -> str:
@@ -417,7 +420,5 @@ def test_a_few_real_cifar10_jpegs(tmp_path: Path, cache: Path) -> None:
     assert data.train_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     first = sorted((REAL_CIFAR / "train" / classes[0]).iterdir())[0]
     with Image.open(first) as image:
-        assert torch.equal(
-            data.train_x[0], torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-        )
+        assert torch.equal(data.train_x[0], torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
     assert data.train_x.float().std() > 20  # real photographs, not a flat colour

@@ -47,6 +47,7 @@ def test_defaults_follow_the_paper() -> None:
         "mode": "sync",
         "eamsgd": False,
         "momentum": None,
+        "budget": "worker",
     }
     assert validate_params("local_sgd", {}) == {"tau": 64}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -46,12 +47,14 @@ def image_cache_path(folder: ImageFolder) -> Path | None:
 
 
 def read_image_cache(path: Path, count: int) -> np.ndarray | None:
-    """The cached images (count, 3, S, S) memory-mapped copy-on-write, or None if unusable.
+    """The cached images (count, 3, S, S) memory-mapped read-only, or None if unusable.
 
-    A cache must never fail a run: a missing, truncated or foreign file means "not cached".
+    Read-only and shared, not copy-on-write: a private writable mapping is charged against memory, so
+    a cache larger than RAM (ImageNet) could not be mapped. A cache must never fail a run: a missing,
+    truncated or foreign file means "not cached".
     """
     try:
-        images = np.load(path, mmap_mode="c", allow_pickle=False)
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception:
         return None
     if not isinstance(images, np.ndarray):  # an .npz archive under this name
@@ -181,7 +184,10 @@ def image_transforms(side: int, model: str) -> tuple[int, TrainTransform, TestTr
 def load_imagefolder(data_dir: str, model: str) -> Dataset:
     """The image folder at `data_dir` as a Dataset of uint8 images with the paper's preprocessing."""
     folder = scan_image_folder(data_dir)
-    images = torch.from_numpy(load_image_array(folder))
+    array = load_image_array(folder)
+    with warnings.catch_warnings():  # the cache is mapped read-only: samples are gathered, never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        images = torch.from_numpy(array)
     crop, train_transform, test_transform = image_transforms(int(images.shape[2]), model)
     n_train = len(folder.train)
     spec = DatasetSpec("imagefolder", "image", (3, crop, crop), len(folder.classes))
