@@ -369,7 +369,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def _huge_int_line(path: Path) -> str:
     """', line N' of the first integer with too many digits in a YAML file ('' if none is found)."""
     with contextlib.suppress(yaml.YAMLError, RecursionError, OSError, UnicodeDecodeError):
-        todo = [yaml.compose(path.read_text(encoding="utf-8"))]
+        todo = [yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)]
         while todo:
             node = todo.pop(0)
             if isinstance(node, yaml.ScalarNode):
@@ -444,5 +444,6 @@ def plain_tree(data: Any, where: str) -> Any:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (the run directory's record of what ran), atomically."""
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False).encode("utf-8")
-    write_atomically(Path(path), lambda handle: handle.write(text), mode=0o644)
+    text: str = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    data = text.encode("utf-8")
+    write_atomically(Path(path), lambda handle: handle.write(data), mode=0o644)
