@@ -8,8 +8,6 @@ import contextlib
 import errno
 import os
 import random
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from fs_faults import small_tmpfs
 
 from commsgd import checkpoint
 from commsgd.algorithms.downpour import JobBudget
@@ -158,24 +157,8 @@ def test_disk_full_while_saving_is_one_line_and_leaves_the_earlier_checkpoints(
     assert loadable_steps(tmp_path, 1, 5) == [10]
 
 
-@contextlib.contextmanager
-def _tiny_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def test_a_really_full_disk_is_one_line_and_leaves_the_earlier_checkpoints(tmp_path: Path) -> None:
-    with _tiny_tmpfs(tmp_path / "small", "1m") as disk:
+    with small_tmpfs(tmp_path / "small", "1m") as disk:
         save_checkpoint(disk, 10, 0, _state(10))
         big = _state(20, extra=torch.zeros(512 * 1024))  # 2 MB: does not fit
         with pytest.raises(WorkerError, match=r"^rank 0: disk full while saving checkpoint .*step00000020"):

@@ -5,7 +5,6 @@ common to every worker; bit-flipped, crafted and metadata-less checkpoints; a fu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -14,12 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from fs_faults import small_tmpfs
 
 from commsgd.checkpoint import checkpoint_path, save_checkpoint, saved_steps
 from commsgd.cli import main
@@ -319,22 +319,6 @@ def test_checkpoints_without_their_metadata_fall_back_with_a_warning(
 # -- a full disk ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def _fill(disk: Path, leave: int) -> Path:
     """Fill the file system of `disk` up to `leave` free bytes."""
     filler = disk / "filler"
@@ -347,7 +331,7 @@ def _fill(disk: Path, leave: int) -> Path:
 def test_a_full_disk_while_saving_is_one_line_and_the_run_resumes_afterwards(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    with _tmpfs(tmp_path / "disk", "16m") as disk:
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
         out = disk / "run"
         fills: list[Path] = []
 
