@@ -18,6 +18,9 @@ Deadline-based algorithms (quantimed) draw their own mini-batches: call
 
 Gradient accumulation over k micro-batches works as with DDP: k `backward()` calls, then one
 `opt.step(loss)`; `with opt.no_sync(): loss.backward()` on the first k-1 skips their communication.
+`CommOptimizer(..., clip_norm=1.0)` clips the gradient after communication, before the local step; fp16:
+`CommOptimizer(..., scaler=commsgd.precision.AgreedScaler())` and `opt.scaler.scaled(loss).backward()`
+(the forward under `torch.autocast`): overflowed steps are skipped by every worker alike.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from commsgd.algorithms.base import Algorithm, MiniBatch, NextBatch
 from commsgd.config import ClusterConfig, NetworkConfig
 from commsgd.context import WorkerContext, create_context
 from commsgd.finite import all_finite
+from commsgd.precision import AgreedScaler
 
 
 def init(
@@ -43,8 +47,16 @@ def init(
     seed: int = 0,
     run_dir: str | Path | None = None,
 ) -> WorkerContext:
-    """Join the job the environment describes (RANK, WORLD_SIZE, MASTER_ADDR, ...); return its context."""
-    return create_context(cluster or ClusterConfig(), network, seed, Path(run_dir) if run_dir else None)
+    """Join the job the environment describes (RANK, WORLD_SIZE, MASTER_ADDR, ...); return its context.
+
+    Inside a worker of a `commsgd.simworld.SimulatedWorld` (a thread): that worker's context instead."""
+    from commsgd.simworld import simulated_context
+
+    where = Path(run_dir) if run_dir else None
+    simulated = simulated_context(cluster, network, seed, where)
+    if simulated is not None:
+        return simulated
+    return create_context(cluster or ClusterConfig(), network, seed, where)
 
 
 class NonFiniteError(RuntimeError):
@@ -62,6 +74,8 @@ NONFINITE_POLICIES = ("skip", "stop")
 
 #: a bad step found in the communicated gradient: the same on every worker (all skip or stop together)
 AFTER_COMMUNICATION = "gradient after communication"
+#: fp16: a loss scale backed off below this means the gradient is non-finite whatever the scale
+MIN_LOSS_SCALE = 2.0**-24
 
 
 class BufferSnapshot:
@@ -124,6 +138,9 @@ class CommOptimizer:
 
     Gradient accumulation: several backward passes before one `step` communicate the accumulated sum
     (DDP's result); wrap the first passes in `no_sync()` to skip their communication.
+
+    `clip_norm`: the gradient's global norm is clipped right before the optimizer step (after the
+    algorithm's communication). `scaler` (fp16): backward ran on the scaled loss; see `_scaler_skips`.
     """
 
     def __init__(
@@ -135,6 +152,8 @@ class CommOptimizer:
         *,
         nonfinite: str = "skip",
         max_bad_steps: int = 5,
+        clip_norm: float | None = None,
+        scaler: AgreedScaler | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}; got {nonfinite!r}")
@@ -146,6 +165,8 @@ class CommOptimizer:
         self.bad_steps = 0
         self.steps = 0
         self.buffers = BufferSnapshot(model)
+        self.clip_norm = clip_norm  # of the gradient after communication (what optimizer.step sees)
+        self.scaler = scaler  # fp16: backward ran on loss * scale; see `_scaler_skips`
         if algorithm.ctx is None:
             algorithm.bind(ctx, model, optimizer)
 
@@ -186,6 +207,8 @@ class CommOptimizer:
             loss = value
         loss_value = float(loss.detach().item()) if isinstance(loss, torch.Tensor) else float(loss or 0.0)
         bad = "loss" if not math.isfinite(loss_value) else self._local_fault()
+        if self.scaler is not None and self._scaler_skips(bad, loss_value):
+            return loss_value
         if bad is not None:
             self.buffers.restore()
             self._bad_step(bad)
@@ -198,11 +221,49 @@ class CommOptimizer:
             self._zero_gradients()
         if bad is None:
             self.bad_in_a_row = 0
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self._with_gradients(), self.clip_norm)
         self.optimizer.step()
         own_fault = bad is not None and bad != AFTER_COMMUNICATION
         self.algorithm.after_step(self.steps, math.inf if own_fault else loss_value)
         self.buffers.due = True
         return loss_value
+
+    def _scaler_skips(self, bad: str | None, loss_value: float) -> bool:
+        """fp16: agree with the other workers whether this step's scaled backward overflowed anywhere.
+
+        No: the gradients are unscaled and the step goes on. Yes: every worker skips it alike (the
+        scale backs off): the gradients are zeroed, the algorithm's hooks still run (its collectives
+        stay in step on every worker), and the optimizer step is not taken. A local overflow is the
+        scaler's business, not a non-finite fault; a non-finite loss or buffer still is.
+        """
+        scaler = self.scaler
+        assert scaler is not None
+        overflow = bad == "gradient"
+        skip = scaler.agree(self.ctx.comm, overflow, self.ctx.device, self.algorithm.step_aligned)
+        scaler.update(skip)
+        if not skip:
+            scaler.unscale_(self._gradients())
+            return False
+        if bad is not None and not overflow:
+            self.buffers.restore()
+            self._bad_step(bad)
+        if scaler.scale < MIN_LOSS_SCALE:
+            raise NonFiniteError(
+                f"rank {self.ctx.rank}: the fp16 gradient overflowed at every loss scale down to "
+                f"{scaler.scale:g} (step {self.steps}); training stopped",
+                job_wide=self.algorithm.step_aligned,
+            )
+        self.ctx.log_event({"event": "scaler_skip", "step": self.steps, "scale": scaler.scale})
+        self._zero_gradients()
+        self.algorithm.after_backward(self.steps)
+        self._zero_gradients()
+        self.algorithm.after_step(self.steps, math.inf if bad is not None and not overflow else loss_value)
+        self.buffers.due = True
+        return True
+
+    def _with_gradients(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
 
     def _local_fault(self) -> str | None:
         """What of this worker's own is non-finite ("gradient" or "buffer"), or None.
@@ -279,6 +340,7 @@ class CommOptimizer:
             "algorithm": self.algorithm.state_dict(),
             "steps": self.steps,
             **self.guard_state(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -286,6 +348,8 @@ class CommOptimizer:
         self.algorithm.load_state_dict(state["algorithm"])
         self.steps = int(state["steps"])
         self.load_guard_state(state)
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def guard_state(self) -> dict[str, int]:
         """The non-finite guard's counters, so that `max_bad_steps` in a row spans a resume."""

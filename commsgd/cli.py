@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ EXTRA_COMMANDS = {
     "reproduce": ("commsgd.reproduce", "run the paper's deterministic problems (toy2d, matrix completion)"),
     "report": ("commsgd.report", "write a Markdown report with plots from run directories"),
     "bench": ("commsgd.bench", "run benchmarks (overhead, bytes, compressors, ...)"),
+    "sweep": ("commsgd.sweep", "one training per point of a hyperparameter grid; table and plot of the best"),
 }
 
 
@@ -42,23 +44,24 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def catalogue() -> str:
-    from commsgd.algorithms import REGISTRY, algorithm_names
-    from commsgd.tasks import DATASETS, MODELS
+    """Algorithms, models and data sets, from the torch-free `commsgd.catalogue`."""
+    from commsgd import catalogue
 
-    lines = ["algorithms:"]
-    lines += [f"  {name:<12} {REGISTRY[name].summary_line}" for name in algorithm_names()]
-    lines.append(f"models:     {', '.join(MODELS)}")
-    lines.append(f"datasets:   {', '.join(DATASETS)}")
-    return "\n".join(lines)
+    return catalogue.text()
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
+    """The parser. Of the EXTRA_COMMANDS only the one named in `argv` is imported (for its arguments):
+    they import torch, and `commsgd --help` must not wait for it."""
+    from commsgd import __version__
+
     parser = ArgumentParser(
         prog="commsgd",
         description="Communication-efficient distributed training on PyTorch.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=catalogue(),
     )
+    parser.add_argument("--version", action="version", version=f"commsgd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     train = sub.add_parser(
         "train",
@@ -75,8 +78,8 @@ def build_parser() -> ArgumentParser:
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="steps per worker")
     budget.add_argument("--epochs", type=int, help="epochs over each worker's shard")
-    train.add_argument("--model", help="model name")
-    train.add_argument("--dataset", help="data set name")
+    train.add_argument("--model", help="model name, or your builder as package.module:function")
+    train.add_argument("--dataset", help="data set name, or your builder as package.module:function")
     train.add_argument(
         "--data-dir",
         help="data directory (cifar10: holds cifar-10-batches-py; imagefolder: holds train/<class>/<image> "
@@ -91,18 +94,25 @@ def build_parser() -> ArgumentParser:
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
     train.add_argument("--max-restarts", type=int, help="restart the worker group up to K times on failure")
-    train.add_argument("overrides", nargs="*", metavar="key=value")
-    sub.add_parser("list", help="list algorithms, models and data sets")
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the fully resolved config as YAML (usable as --config) and exit without training",
+    )
+    # key=value overrides may stand anywhere among the flags: main() takes them from what argparse
+    # leaves over (a positional here would end at the first flag after it); listed for --help only
+    train.add_argument_group("overrides", "key=value  any config field, anywhere among the flags")
+    listing = sub.add_parser(
+        "list", help="list algorithms, models and data sets, or one algorithm's parameters"
+    )
+    listing.add_argument("algorithm", nargs="?", help="show this algorithm's parameters")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, text) in EXTRA_COMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue
-            raise
-        mod.add_arguments(
-            sub.add_parser(name, help=text, formatter_class=argparse.RawDescriptionHelpFormatter)
-        )
+        if importlib.util.find_spec(module) is None:
+            continue
+        command = sub.add_parser(name, help=text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(command)
     return parser
 
 
@@ -249,7 +259,9 @@ def check_fresh_out(run_dir: Path, resume: bool) -> None:
 def check_before_spawn(cfg: Any, dataset: Any) -> None:
     """What the workers would find wrong with `cfg`, found once here instead: a worker's error is
     said by every worker and, under `--max-restarts`, tried again. Uses the workers' own checks."""
+    from commsgd.algorithms import build_algorithm
     from commsgd.context import choose_device, node_layout
+    from commsgd.optim import check_training_options
     from commsgd.tasks.models import check_model_fits
     from commsgd.train import ShardedBatches
 
@@ -258,15 +270,36 @@ def check_before_spawn(cfg: Any, dataset: Any) -> None:
         node_layout(cfg.workers, cfg.cluster.group_size)
     check_model_fits(cfg.model, dataset.spec)
     ShardedBatches(len(dataset.train_y), cfg.data.batch_size, 0, cfg.workers, cfg.seed)  # batch vs shard
+    check_training_options(cfg, build_algorithm(cfg.algorithm, cfg.algo))  # optim.name, precision, ...
 
 
 def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     """Config, run directory and resume flag for `commsgd train`, all validated before any worker starts."""
+    from commsgd.context import launched_by_torchrun
+    from commsgd.rundir import new_run_dir
+
+    cfg = checked_train_config(args)
+    resume = args.resume is not None
+    if not resume and cfg.out is None and launched_by_torchrun():
+        raise ConfigError("out: under torchrun every process must name the same run directory; pass --out")
+    if cfg.out:
+        run_dir = Path(cfg.out)
+        check_fresh_out(run_dir, resume)
+    else:  # checks done: a fresh directory no other run has (created now, so it stays unique)
+        run_dir = new_run_dir(Path("runs"), cfg.algorithm)
+    cfg.out = str(run_dir)
+    return cfg, run_dir, resume
+
+
+def checked_train_config(args: argparse.Namespace) -> Any:
+    """The config `commsgd train` asks for, with every check that needs no run directory done
+    (a resumed run's is its own, in `out`). Nothing is created."""
     from commsgd.algorithms import get_algorithm_class, validate_params
     from commsgd.config import load_config, read_yaml, shown
     from commsgd.context import launched_by_torchrun
-    from commsgd.rundir import new_run_dir, path_problem
+    from commsgd.rundir import path_problem
     from commsgd.tasks import DATASETS, MODELS, load_dataset
+    from commsgd.tasks.user import is_user_spec
 
     resume = args.resume is not None
     if resume:
@@ -284,6 +317,8 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
             )
     else:
         base = read_yaml(args.config) if args.config else {}
+        if args.config and _names_own_run(base, Path(args.config)):
+            del base["out"]  # where that run lives, not where this one goes: it gets its own
     requested = requested_config(base, args)
     if launched_by_torchrun():  # torchrun decides the world size (--workers is ignored under it)
         requested["workers"] = int(os.environ["WORLD_SIZE"])
@@ -292,9 +327,9 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     cfg = load_config(requested, validate_algorithm=validate_params)
     if resume:
         cfg.out = str(run_dir)
-    if cfg.model not in MODELS:
+    if cfg.model not in MODELS and not is_user_spec(cfg.model):
         raise ConfigError(f"model: unknown name {cfg.model!r}; choose from {', '.join(MODELS)}")
-    if cfg.data.dataset not in DATASETS:
+    if cfg.data.dataset not in DATASETS and not is_user_spec(cfg.data.dataset):
         raise ConfigError(
             f"data.dataset: unknown name {cfg.data.dataset!r}; choose from {', '.join(DATASETS)}"
         )
@@ -304,15 +339,37 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     check_before_spawn(cfg, dataset)
     if resume:
         check_resume_checkpoint(run_dir, cfg, dataset.spec)
-    elif cfg.out is None and launched_by_torchrun():
-        raise ConfigError("out: under torchrun every process must name the same run directory; pass --out")
-    if cfg.out:
-        run_dir = Path(cfg.out)
-        check_fresh_out(run_dir, resume)
-    else:  # checks done: a fresh directory no other run has (created now, so it stays unique)
-        run_dir = new_run_dir(Path("runs"), cfg.algorithm)
-    cfg.out = str(run_dir)
-    return cfg, run_dir, resume
+    return cfg
+
+
+def _names_own_run(base: dict[str, Any], config_file: Path) -> bool:
+    """Whether `base` is a run's saved config.yaml whose `out` is the directory holding it."""
+    out = base.get("out")
+    if not isinstance(out, str):
+        return False
+    try:
+        return Path(out).resolve() == config_file.resolve().parent
+    except (OSError, ValueError):  # a name the OS cannot hold: not this file's directory
+        return False
+
+
+def resolved_config_text(cfg: Any) -> str:
+    """`cfg` as YAML with the values left to the workers filled in as they would be here:
+    `steps` (when no budget is given), `cluster.group_size` and `cluster.threads`. `out` stays as
+    given (empty: each run makes its own directory), so the text can be passed to `--config`."""
+    import yaml
+
+    from commsgd.config import DEFAULT_STEPS, to_dict
+    from commsgd.context import launched_by_torchrun
+    from commsgd.train import worker_threads
+
+    data = to_dict(cfg)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.workers)) if launched_by_torchrun() else cfg.workers
+    if cfg.steps is None and cfg.epochs is None:
+        data["steps"] = DEFAULT_STEPS
+    data["cluster"]["group_size"] = cfg.cluster.group_size or local
+    data["cluster"]["threads"] = worker_threads(cfg, local)
+    return str(yaml.safe_dump(data, sort_keys=False))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -320,6 +377,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from commsgd.context import launched_by_torchrun
     from commsgd.launch import launch_local, worker_entry
 
+    if args.print_config:  # checked as for a run, but nothing is created or started
+        print(resolved_config_text(checked_train_config(args)), end="")
+        return 0
     cfg, run_dir, resume = resolve_train_config(args)
     if launched_by_torchrun():
         cfg.workers = int(os.environ["WORLD_SIZE"])
@@ -327,11 +387,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             worker_entry(to_dict(cfg), str(run_dir), resume)
             return 0
         with claim_run_dir(run_dir, resume):
-            save_config(cfg, run_dir / "config.yaml")
+            if not resume:  # a resumed run's config is rewritten by rank 0 once its checkpoint loaded
+                save_config(cfg, run_dir / "config.yaml")
             worker_entry(to_dict(cfg), str(run_dir), resume)
         return 0
     with claim_run_dir(run_dir, resume):  # held by this launcher for the whole run, restarts included
-        save_config(cfg, run_dir / "config.yaml")
+        if not resume:
+            save_config(cfg, run_dir / "config.yaml")
         return launch_local(cfg, run_dir, resume)
 
 
@@ -346,14 +408,94 @@ def claim_run_dir(run_dir: Path, resume: bool) -> Iterator[None]:
         yield
 
 
-def cmd_list(_: argparse.Namespace) -> int:
-    print(catalogue())
+def cmd_list(args: argparse.Namespace) -> int:
+    """The catalogue, or with a name the parameters of that algorithm (`algo.*`)."""
+    if args.algorithm is None:
+        print(catalogue())
+        return 0
+    print(describe_algorithm(args.algorithm))
     return 0
 
 
+def describe_algorithm(name: str) -> str:
+    """Name, summary and one line per parameter (type, default, range, doc) of algorithm `name`.
+
+    An unknown name is refused from the torch-free catalogue, with the nearest name, before the
+    registry (and torch) is imported."""
+    import difflib
+
+    from commsgd import catalogue
+    from commsgd.config import describe_fields, shown
+
+    if name not in catalogue.ALGORITHMS:
+        near = difflib.get_close_matches(name, list(catalogue.ALGORITHMS), n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ConfigError(f"list: unknown algorithm {shown(name)}; {hint}see `commsgd list`")
+    from commsgd.algorithms import get_algorithm_class
+
+    cls = get_algorithm_class(name)
+    rows = describe_fields(cls.Params)
+    lines = [f"{name}: {cls.summary_line}", ""]
+    if not rows:
+        lines.append("no parameters of its own")
+    else:
+        lines.append("parameters (algo.NAME=VALUE, or under `algo:` in a config file):")
+    for field_name, type_name, default, allowed, doc in rows:
+        lines.append(f"  {field_name}: {type_name} = {default!r}" + (f"  ({allowed})" if allowed else ""))
+        if doc:
+            lines.append(f"      {doc}")
+    return "\n".join(lines)
+
+
+def split_leftovers(parser: ArgumentParser, args: argparse.Namespace, leftovers: Sequence[str]) -> None:
+    """Put the key=value words argparse left over into `args.overrides`; refuse anything else.
+
+    Overrides may stand anywhere among the flags. An unknown flag or word gets one line with the
+    nearest flag or config key (``--lr 0.05`` -> ``optim.lr=0.05``) where there is one."""
+    args.overrides = []
+    words = list(leftovers)
+    if args.command in ("train", "sweep"):
+        args.overrides = [w for w in words if "=" in w and not w.startswith("-")]
+        words = [w for w in words if w not in args.overrides]
+    if not words:
+        return
+    hint = suggest_for(words) if args.command == "train" else ""
+    parser.error(f"unrecognized arguments: {' '.join(words)}{hint}")
+
+
+def suggest_for(words: Sequence[str]) -> str:
+    """'; did you mean ...?' for the first of the unknown `words`, or ''."""
+    import difflib
+
+    from commsgd.config import Config, field_keys, near_keys
+
+    word = words[0]
+    name, _, value = word.lstrip("-").partition("=")
+    if not value and word.startswith("-") and len(words) > 1 and not words[1].startswith("-"):
+        value = words[1]  # `--lr 0.05`
+    flags = [*sorted(attr.replace("_", "-") for attr in FLAG_KEYS), "config", "resume", "print-config"]
+    if word.startswith("-"):
+        close = difflib.get_close_matches(name.replace("_", "-"), flags, n=1, cutoff=0.75)
+        if close:
+            return f"; did you mean --{close[0]}?"
+    near = near_keys(name.replace("-", "_"), field_keys(Config))
+    if near is None:
+        return ""
+    return f"; did you mean {near}={value or '...'}?"
+
+
+def parse_command_line(words: Sequence[str]) -> tuple[ArgumentParser, argparse.Namespace]:
+    """The parser and the parsed `words` (``train --workers 2 optim.lr=0.1 ...``): flags by argparse,
+    key=value overrides from what it leaves over, anywhere among the flags. The one way commands
+    are read, by `main` and by the commands that build `commsgd train` runs (sweep, bench)."""
+    parser = build_parser(words)
+    args, leftovers = parser.parse_known_args(words)
+    split_leftovers(parser, args, leftovers)
+    return parser, args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser, args = parse_command_line(list(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return 0
@@ -372,5 +514,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The `commsgd` program: `main()` on the command line, then exit without torch's teardown."""
+    from commsgd.fastexit import exit_program
+    from commsgd.startup import note_program_start
+
+    note_program_start()  # the start-up the user waits for counts from here (the final table shows it)
+    try:
+        code = main()
+    except BrokenPipeError:  # `commsgd list | head`: the reader left; Python's documented recipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    exit_program(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

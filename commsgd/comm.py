@@ -31,6 +31,7 @@ so that inter-node Ethernet can be emulated on one machine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -54,6 +55,57 @@ _REDUCE_OPS = {
     "max": dist.ReduceOp.MAX,
     "min": dist.ReduceOp.MIN,
 }
+
+
+class DistTransport:
+    """What moves the bytes: torch.distributed itself (the default). The Communicator counts, times and
+    delays every call; a transport only carries it out. `commsgd.simworld.SimTransport` is the other one:
+    N workers as threads of one process, their tensors exchanged in memory. `pg` is a process group
+    (None: the default, all workers); a transport returns work handles with `wait()` for async ops."""
+
+    def sleep(self, seconds: float) -> None:
+        """The network model's delay for one call."""
+        time.sleep(seconds)
+
+    def new_group(self, ranks: list[int], timeout: timedelta | None) -> Any:
+        return dist.new_group(ranks, timeout=timeout)
+
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceName, pg: Any, async_op: bool = False) -> Any:
+        return dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=pg, async_op=async_op)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, pg: Any) -> None:
+        dist.broadcast(tensor, src=src, group=pg)
+
+    def all_gather(self, out: torch.Tensor, flat: torch.Tensor, pg: Any) -> None:
+        """Every member's `flat`, in group order, into the flat `out`."""
+        _all_gather_single(out, flat, group=pg)
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: ReduceName, pg: Any) -> None:
+        _reduce_scatter_single(output, input, op=_REDUCE_OPS[op], group=pg)
+
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, pg: Any) -> None:
+        dist.all_to_all_single(output, input, group=pg)
+
+    def gather(self, tensor: torch.Tensor, chunks: list[torch.Tensor] | None, dst: int, pg: Any) -> None:
+        dist.gather(tensor, chunks, dst=dst, group=pg)
+
+    def scatter(self, output: torch.Tensor, parts: list[torch.Tensor] | None, src: int, pg: Any) -> None:
+        dist.scatter(output, parts, src=src, group=pg)
+
+    def barrier(self, pg: Any) -> None:
+        dist.barrier(group=pg)
+
+    def send(self, tensor: torch.Tensor, dst: int, pg: Any) -> None:
+        dist.send(tensor, dst=dst, group=pg)
+
+    def recv(self, tensor: torch.Tensor, src: int | None, pg: Any) -> int:
+        return int(dist.recv(tensor, src=src, group=pg))
+
+    def isend(self, tensor: torch.Tensor, dst: int, pg: Any) -> Any:
+        return dist.isend(tensor, dst=dst, group=pg)
+
+    def irecv(self, tensor: torch.Tensor, src: int, pg: Any) -> Any:
+        return dist.irecv(tensor, src=src, group=pg)
 
 
 @dataclass
@@ -115,7 +167,12 @@ class CommGroup:
         return len(self.ranks)
 
     def index(self, rank: int) -> int:
-        return self.ranks.index(rank)
+        """This rank's position in the group (a dict lookup: LSGD asks for every member each round)."""
+        return self._positions[rank]
+
+    @functools.cached_property
+    def _positions(self) -> dict[int, int]:
+        return {r: i for i, r in enumerate(self.ranks)}
 
 
 class Pending:
@@ -150,8 +207,10 @@ class Communicator:
         node_of: Sequence[int],
         network: NetworkConfig | None = None,
         split_wait: bool = False,
+        transport: Any = None,  # a DistTransport (the default) or one with its methods (SimTransport)
     ) -> None:
         self.rank = rank
+        self.transport = transport if transport is not None else DistTransport()
         self.world_size = world_size
         self.node_of = tuple(node_of)
         self.network = network if network is not None and network.enabled else None
@@ -173,7 +232,7 @@ class Communicator:
         if len(ranks) == self.world_size and not dedicated:
             pg = None
         else:
-            pg = dist.new_group(list(ranks), timeout=timeout)
+            pg = self.transport.new_group(list(ranks), timeout)
         return CommGroup(ranks, pg, len({self.node_of[r] for r in ranks}) > 1)
 
     def _group(self, group: CommGroup | None) -> CommGroup:
@@ -190,7 +249,7 @@ class Communicator:
 
     def _sleep_model(self, delay_s: float, counters: Counters) -> None:
         if delay_s > 0:
-            time.sleep(delay_s)
+            self.transport.sleep(delay_s)
             counters.model_delay_s += delay_s
 
     def _record(self, payload: int, sent: float, recv: float) -> Counters:
@@ -216,7 +275,7 @@ class Communicator:
         c = self._record(payload, sent, recv)
         if barrier and self.split_wait and group.size > 1:
             start = time.perf_counter()
-            dist.barrier(group=group.pg)
+            self.transport.barrier(group.pg)
             c.wait_s += time.perf_counter() - start
         start = time.perf_counter()
         fn()
@@ -242,10 +301,10 @@ class Communicator:
         vol = 2 * (p - 1) / p * n
         if async_op:
             c = self._record(n, vol, vol)
-            work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=g.pg, async_op=True)
+            work = self.transport.all_reduce(tensor, op, g.pg, async_op=True)
             return Pending(self, work, c, self._delay(vol, 2 * (p - 1), g.spans_nodes))
         self._run(
-            lambda: dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=g.pg),
+            lambda: self.transport.all_reduce(tensor, op, g.pg),
             g,
             n,
             vol,
@@ -262,7 +321,7 @@ class Communicator:
         if p == 1:
             return
         vol = (p - 1) / p * n
-        self._run(lambda: dist.broadcast(tensor, src=src, group=g.pg), g, n, vol, vol, p - 1, tensor)
+        self._run(lambda: self.transport.broadcast(tensor, src, g.pg), g, n, vol, vol, p - 1, tensor)
 
     def all_gather(self, tensor: torch.Tensor, group: CommGroup | None = None) -> torch.Tensor:
         """Stack every member's `tensor` (same shape everywhere): result has shape (p, *tensor.shape)."""
@@ -274,7 +333,7 @@ class Communicator:
             return out
         vol = (p - 1) * n
         flat = tensor.contiguous().view(-1)
-        self._run(lambda: _all_gather_single(out.view(-1), flat, group=g.pg), g, n, vol, vol, p - 1, out)
+        self._run(lambda: self.transport.all_gather(out.view(-1), flat, g.pg), g, n, vol, vol, p - 1, out)
         return out
 
     def reduce_scatter(
@@ -292,7 +351,7 @@ class Communicator:
             return
         vol = (p - 1) / p * n
         self._run(
-            lambda: _reduce_scatter_single(output, input, op=_REDUCE_OPS[op], group=g.pg),
+            lambda: self.transport.reduce_scatter(output, input, op, g.pg),
             g,
             n,
             vol,
@@ -309,7 +368,7 @@ class Communicator:
             output.copy_(input)
             return
         vol = (p - 1) / p * n
-        self._run(lambda: dist.all_to_all_single(output, input, group=g.pg), g, n, vol, vol, 1, output)
+        self._run(lambda: self.transport.all_to_all(output, input, g.pg), g, n, vol, vol, 1, output)
 
     def gather(self, tensor: torch.Tensor, dst: int, group: CommGroup | None = None) -> torch.Tensor | None:
         """Collect every member's tensor on global rank `dst` (shape (p, ...)); None elsewhere."""
@@ -323,7 +382,7 @@ class Communicator:
             return out
         sent, recv = (0.0, float((p - 1) * n)) if is_root else (float(n), 0.0)
         chunks = list(out.unbind(0)) if out is not None else None
-        self._run(lambda: dist.gather(tensor, chunks, dst=dst, group=g.pg), g, n, sent, recv, 1, tensor)
+        self._run(lambda: self.transport.gather(tensor, chunks, dst, g.pg), g, n, sent, recv, 1, tensor)
         return out
 
     def scatter(
@@ -339,7 +398,7 @@ class Communicator:
         is_root = self.rank == src
         sent, recv = (float((p - 1) * n), 0.0) if is_root else (0.0, float(n))
         parts = list(chunks.unbind(0)) if (is_root and chunks is not None) else None
-        self._run(lambda: dist.scatter(output, parts, src=src, group=g.pg), g, n, sent, recv, 1, output)
+        self._run(lambda: self.transport.scatter(output, parts, src, g.pg), g, n, sent, recv, 1, output)
 
     def barrier(self, group: CommGroup | None = None) -> None:
         """Wait for the group; the time is waiting, not transfer."""
@@ -348,7 +407,7 @@ class Communicator:
             return
         c = self.meter.current
         start = time.perf_counter()
-        dist.barrier(group=g.pg)
+        self.transport.barrier(g.pg)
         c.wait_s += time.perf_counter() - start
 
     def all_gather_json(self, obj: Any, group: CommGroup | None = None) -> list[Any]:
@@ -372,7 +431,7 @@ class Communicator:
         n = _nbytes(tensor)
         pg = None if group is None else group.pg
         g = CommGroup((self.rank, dst), pg, self.node_of[dst] != self.node_of[self.rank])
-        self._run(lambda: dist.send(tensor, dst=dst, group=pg), g, n, n, 0, 1, tensor, barrier=False)
+        self._run(lambda: self.transport.send(tensor, dst, pg), g, n, n, 0, 1, tensor, barrier=False)
 
     def recv(self, tensor: torch.Tensor, src: int | None = None, group: CommGroup | None = None) -> int:
         """Receive into `tensor` from `src` (any rank when None); returns the sender's global rank."""
@@ -382,20 +441,21 @@ class Communicator:
         pg = None if group is None else group.pg
         g = CommGroup((self.rank, peer), pg, self.node_of[peer] != self.node_of[self.rank])
         self._run(
-            lambda: sender.append(dist.recv(tensor, src=src, group=pg)), g, n, 0, n, 0, tensor, barrier=False
+            lambda: sender.append(self.transport.recv(tensor, src, pg)), g, n, 0, n, 0, tensor, barrier=False
         )
         return sender[0]
 
     def isend(self, tensor: torch.Tensor, dst: int, group: CommGroup | None = None) -> Pending:
         n = _nbytes(tensor)
         c = self._record(n, n, 0)
-        work = dist.isend(tensor, dst=dst, group=None if group is None else group.pg)
+        work = self.transport.isend(tensor, dst, None if group is None else group.pg)
         return Pending(self, work, c, self._p2p_delay(dst, n))
 
     def irecv(self, tensor: torch.Tensor, src: int, group: CommGroup | None = None) -> Pending:
         n = _nbytes(tensor)
         c = self._record(n, 0, n)
-        return Pending(self, dist.irecv(tensor, src=src, group=None if group is None else group.pg), c, 0.0)
+        work = self.transport.irecv(tensor, src, None if group is None else group.pg)
+        return Pending(self, work, c, 0.0)
 
     def exchange(
         self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]

@@ -58,18 +58,41 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Local optimizer (torch SGD) and its learning-rate schedule."""
+    """Local optimizer (torch SGD or AdamW), its learning-rate schedule, clipping and accumulation.
 
+    See docs/training.md; `commsgd.optim` builds the optimizer and computes the schedule."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = bounded(0.05, gt=0)
-    momentum: float = bounded(0.9, ge=0, lt=1)
+    momentum: float = bounded(0.9, ge=0, lt=1, doc="sgd only")
     nesterov: bool = False
-    weight_decay: float = bounded(1e-4, ge=0)
-    schedule: Literal["constant", "step"] = "constant"
+    weight_decay: float = bounded(1e-4, ge=0, doc="sgd: L2 in the gradient; adamw: decoupled")
+    betas: list[float] = bounded([0.9, 0.999], ge=0, lt=1, doc="adamw only: (beta1, beta2)")
+    eps: float = bounded(1e-8, gt=0, doc="adamw only")
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    warmup_steps: int = bounded(0, ge=0, doc="linear warm-up from lr/warmup_steps to lr (any schedule)")
+    min_lr: float = bounded(0.0, ge=0, doc="cosine: the rate at the end of the run")
+    clip_norm: float | None = bounded(
+        None, gt=0, doc="clip the gradient's global norm to this, after communication, before the step"
+    )
+    accumulate: int = bounded(1, ge=1, le=65536, doc="micro-batches per step (data.batch_size each)")
     drop_steps: list[int] = bounded([], doc="steps at which lr is multiplied by drop_factor")
     drop_seconds: list[float] = bounded(
         [], doc="wall-clock seconds at which lr drops, by rank 0's clock every 10 steps (paper: 1500)"
     )
     drop_factor: float = bounded(0.1, gt=0, le=1)
+
+    def validate(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas: two numbers (beta1, beta2) are needed, got {self.betas}")
+        if self.schedule == "cosine" and (self.drop_steps or self.drop_seconds):
+            raise ConfigError(
+                "optim.drop_steps, optim.drop_seconds: drops are for schedule=step; cosine decays by itself"
+            )
+        if self.name == "adamw" and self.nesterov:
+            raise ConfigError("optim.nesterov: is SGD's; adamw has its own momentum (optim.betas)")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr: must be <= optim.lr ({self.lr:g}), got {self.min_lr:g}")
 
 
 @dataclass
@@ -132,7 +155,16 @@ class Config:
         5, ge=1, doc="nonfinite=skip: stop after this many consecutive non-finite steps on a worker"
     )
     log_every: int = bounded(1, ge=1)
-    progress: bool = True
+    precision: Literal["fp32", "bf16", "fp16"] = bounded(
+        "fp32", doc="autocast for forward passes; fp16 with a loss scaler whose skips all workers agree"
+    )
+    progress: bool = bounded(True, doc="rank 0 shows progress: a bar on a terminal, else plain lines")
+    progress_every: int = bounded(
+        0, ge=0, doc="not a terminal: a progress line every N steps (0: every 10 % of the steps)"
+    )
+    progress_every_s: float = bounded(
+        30.0, gt=0, le=86400, doc="not a terminal: a progress line at least this often (seconds)"
+    )
     tensorboard: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -274,7 +306,13 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     prefix = f"{where}." if where else ""
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(f"{prefix}{shown(unknown[0])}: unknown field; allowed: {', '.join(sorted(fields))}")
+        near = near_keys(str(unknown[0]), field_keys(cls))
+        hint = f"did you mean {prefix}{near}? " if near else ""
+        if near == unknown[0]:  # `optim.lr:` as one YAML key
+            hint = "in a YAML file, a dotted key is written as nested sections; "
+        raise ConfigError(
+            f"{prefix}{shown(unknown[0])}: unknown field; {hint}allowed: {', '.join(sorted(fields))}"
+        )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         path = f"{prefix}{name}"
@@ -293,8 +331,8 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def describe_fields(cls: type[Any]) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, doc) per field, for `--help` style listings."""
+def describe_fields(cls: type[Any]) -> list[tuple[str, str, Any, str, str]]:
+    """(name, type, default, allowed range, doc) per field, for `commsgd list ALGORITHM`."""
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
@@ -303,8 +341,43 @@ def describe_fields(cls: type[Any]) -> list[tuple[str, str, Any, str]]:
             if f.default is not dataclasses.MISSING
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
-        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", "")))
+        bounds = [(key, f.metadata.get(key)) for key in ("ge", "gt", "le", "lt")]
+        allowed = ", ".join(f"{_RANGE_TEXT[k]} {b:g}" for k, b in bounds if isinstance(b, int | float))
+        rows.append((f.name, _type_name(hints[f.name]), default, allowed, f.metadata.get("doc", "")))
     return rows
+
+
+_RANGE_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def field_keys(cls: type[Any], prefix: str = "") -> list[str]:
+    """The dotted name of every field of dataclass `cls`, its sections expanded (``optim.lr``)."""
+    hints = typing.get_type_hints(cls)
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            keys += field_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def near_keys(name: str, keys: Sequence[str]) -> str | None:
+    """The key of `keys` that `name` most likely meant: the same field in a section (``lr`` ->
+    ``optim.lr``), else the closest spelling of the whole key or of its last part; None if none is close."""
+    import difflib
+
+    leaf = name.rsplit(".", 1)[-1]
+    same = [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != name]
+    if same:
+        return same[0]
+    close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+    return leaves[close[0]] if close else None
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -349,6 +422,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {shown(p)}: not found")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:  # a syntax error: say where, as an editor counts
+        mark = exc.problem_mark or exc.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = exc.problem or exc.context or type(exc).__name__
+        raise ConfigError(f"config file {shown(p)}{where}: not valid YAML ({what.strip()})") from None
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"config file {shown(p)}: not valid YAML ({first})") from None

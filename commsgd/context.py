@@ -100,11 +100,25 @@ class Heartbeat:
             self.report("exited")
         self.halt()
 
-    def halt(self) -> None:
-        """End the beat thread (no status is reported) and wait for it, a few intervals at most."""
+    def halt(self) -> bool:
+        """End the beat thread (no status is reported) and wait for it, a few intervals at most.
+
+        False when the thread is still inside a store call: the store's timeout does not bound a
+        call to a server that stopped answering (a stopped or overloaded launcher), and a daemon
+        thread that returns from C++ while the interpreter finalizes aborts the process."""
         self._stop.set()
         self._thread.join(timeout=2 * self.interval_s + 1)
         _RUNNING.discard(self)
+        if not self._thread.is_alive():
+            return True
+        print(  # said, so that an abort at exit that may follow is explained
+            f"commsgd: warning: rank {self.rank}: the heartbeat thread is still inside a store call "
+            f"after {2 * self.interval_s + 1:.0f} s (the job's store does not answer); the process "
+            "may abort as it exits",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
 
     def silent_peers(self) -> tuple[list[int], list[int]] | None:
         """(peers without a heartbeat, peers that reported a failure); None when the store is unreachable."""

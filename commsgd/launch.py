@@ -117,16 +117,32 @@ def _end_as_recorded(run_dir: Path | None, outcome: dict[str, Any]) -> dict[str,
 
 
 def worker_entry(cfg_data: dict[str, Any], run_dir: str | None, resume: bool) -> dict[str, Any] | None:
-    """What every worker process runs (picklable: a module-level function).
+    """What every worker process runs (picklable: a module-level function); see `_worker_entry`.
+
+    A worker whose entry returned ends without the interpreter's teardown (`commsgd.fastexit`)."""
+    from commsgd.fastexit import skip_teardown_of_worker
+
+    result = _worker_entry(cfg_data, run_dir, resume)
+    skip_teardown_of_worker()
+    return result
+
+
+def _worker_entry(cfg_data: dict[str, Any], run_dir: str | None, resume: bool) -> dict[str, Any] | None:
+    """One worker's run, its failures turned into outcomes for the launcher.
 
     SIGINT / SIGTERM stop the run at a step boundary (`commsgd.interrupt`); the worker then exits
     128 + signal or returns ``{"interrupted": signum}`` (see `_end_on_interrupt`). Bad input ends the
     job without restarts: ``{"user_error": line}`` to `launch_local`, exit code 2 under torchrun.
     """
+    import faulthandler
+
     from commsgd import interrupt
     from commsgd.api import NonFiniteError
     from commsgd.context import PeerFailure
     from commsgd.train import run_worker
+
+    # A crash in C++ (SIGSEGV, SIGABRT at exit) prints every thread's Python stack: it names the cause.
+    faulthandler.enable(all_threads=True)
 
     signals = interrupt.RECEIVED  # installed once the worker has joined its group (run_worker)
     cfg = from_dict(Config, cfg_data)
@@ -301,9 +317,13 @@ def launch_local(cfg: Config, run_dir: Path, resume: bool) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from commsgd.startup import mark_command_start
+
+    print(f"starting {cfg.workers} workers", flush=True)  # stdout: stderr is for the one error line
     _quiet_torch_logs()
     handlers = {sig: signal.getsignal(sig) for sig in _AGENT_SIGNALS}  # the agent replaces them
     started = time.time()
+    mark_command_start()  # the workers inherit it: rank 0 reports the start-up (commsgd.startup)
     loopback = _loopback_interface()
     if loopback is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)

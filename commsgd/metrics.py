@@ -102,6 +102,45 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+#: the final table lists every parameter when they fit in this many characters, else the ones set
+SHORT_PARAMETERS = 60
+
+
+def parameters_text(summary: dict[str, Any]) -> str:
+    """The algorithm's parameters for the table: all when short, else those set away from defaults."""
+    params: dict[str, Any] = summary["algorithm_params"]
+    if not params:
+        return "none"
+    every = " ".join(f"{k}={_value(v)}" for k, v in params.items())
+    if len(every) <= SHORT_PARAMETERS:
+        return every
+    set_ = [k for k in summary.get("algorithm_params_set", []) if k in params]
+    more = f"`commsgd list {summary['algorithm']}` for all"
+    if not set_:
+        return f"defaults ({more})"
+    return " ".join(f"{k}={_value(params[k])}" for k in set_) + f" (others default; {more})"
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def node_layout_text(counts: Sequence[int]) -> str:
+    """``2 nodes x 4 workers``, or each node's count when they differ (``3 nodes: 4+4+2 workers``)."""
+    nodes = f"{len(counts)} node{'s' if len(counts) != 1 else ''}"
+    if len(set(counts)) == 1:
+        return f"{nodes} x {counts[0]} worker{'s' if counts[0] != 1 else ''}"
+    return f"{nodes}: {'+'.join(map(str, counts))} workers"
+
+
+def _wall_clock(summary: dict[str, Any]) -> str:
+    """Training's wall-clock time; with the start-up known, the total the user waited as well."""
+    wall = summary["wall_time_s"]
+    if "startup_s" not in summary:
+        return f"{wall:.1f} s"
+    return f"{wall:.1f} s training, {wall + summary['startup_s']:.1f} s with start-up"
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     """The short table printed at the end of `commsgd train`."""
     rows = [
@@ -117,13 +156,21 @@ def summary_table(summary: dict[str, Any]) -> str:
         ),
         ("test error", f"{100 * summary['test_error']:.2f} %"),
         ("test loss", f"{summary['test_loss']:.4f}"),
-        ("wall-clock time", f"{summary['wall_time_s']:.1f} s"),
+        ("wall-clock time", _wall_clock(summary)),
         ("bytes sent per worker", human_bytes(mean(summary["bytes_sent"]))),
         ("bytes sent per step", human_bytes(mean(summary["bytes_per_step"]))),
         ("communication share", f"{100 * mean(summary['comm_share']):.1f} % of wall time"),
     ]
     if "test_bits_per_char" in summary:  # character-level text
         rows.insert(4, ("test bits per character", f"{summary['test_bits_per_char']:.4f}"))
+    # summaries written before these were recorded lack them
+    if "algorithm_params" in summary:
+        rows.insert(1, ("parameters", parameters_text(summary)))
+    if "workers_per_node" in summary:
+        rows.insert(2, ("node layout", node_layout_text(summary["workers_per_node"])))
+    if "startup_s" in summary:
+        at = [key for key, _ in rows].index("wall-clock time")
+        rows.insert(at, ("start-up", f"{summary['startup_s']:.1f} s from the command to the first step"))
     if "data_share" in summary:  # summaries written before data time was measured lack it
         rows.append(("data share", f"{100 * mean(summary['data_share']):.1f} % of step time"))
     width = max(len(k) for k, _ in rows)

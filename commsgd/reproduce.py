@@ -1,8 +1,10 @@
 """`commsgd reproduce toy2d | matrix-completion`: LGD against EAGD on the LSGD paper's deterministic problems.
 
-LGD and EAGD are the `lsgd` and `easgd` algorithms themselves, with exact gradients: every worker is a
-real process (gloo) whose model is one parameter tensor, stepped by `CommOptimizer` with plain SGD.
-LGD selects its leader by the current objective (window 1); its center is the workers' average.
+LGD and EAGD are the `lsgd` and `easgd` algorithms themselves, with exact gradients: every worker's model
+is one parameter tensor, stepped by `CommOptimizer` with plain SGD. The workers run in a simulated world
+(`commsgd.simworld`: threads of this process, the same Communicator and byte counts), or with `--processes`
+as real processes over gloo. LGD selects its leader by the current objective (window 1); its center is the
+workers' average.
 
 - toy2d reproduces the supplement's Table 1 (best L: LGD -0.2172, EAGD -0.0912) and Figure 7.
 - matrix-completion reproduces Figure 1: the best objective over the workers at each step.
@@ -40,12 +42,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "seed": 0,
     },
 }
+#: most workers: spawned processes (toy2d, matrix completion), and simulated (matrix completion keeps a
+#: d x d matrix per worker, so it stays at the process limit)
+MAX_PROCESSES = {"toy2d": 16, "matrix-completion": 64}
+MAX_SIMULATED = {"toy2d": 1024, "matrix-completion": 64}
 ONLY_FOR = {
     "points": "toy2d",
     "beta": "toy2d",
     "dim": "matrix-completion",
     "rank": "matrix-completion",
-    "workers": "matrix-completion",
     "trials": "matrix-completion",
     "seed": "matrix-completion",
 }
@@ -67,11 +72,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--period", type=int, help="communication period tau (1)")
     parser.add_argument("--dim", type=int, help="matrix-completion: d (1000)")
     parser.add_argument("--rank", type=int, help="matrix-completion: r, the paper uses 1, 10, 50, 100 (10)")
-    parser.add_argument("--workers", type=int, help="matrix-completion: workers (8)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="workers: matrix-completion 8; toy2d one per point (the paper's 4; more: the paper's points, "
+        "then random points in [-20, 20]^2)",
+    )
     parser.add_argument("--trials", type=int, help="matrix-completion: random instances (10)")
     parser.add_argument("--seed", type=int, help="matrix-completion: seed of the instances (0)")
     parser.add_argument("--out", help="directory for the plot and results.json (runs/reproduce-PROBLEM)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="run every worker as a spawned process over gloo (default: a simulated world in this process)",
+    )
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -100,25 +115,47 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("steps", "period", "dim", "rank", "workers", "trials"):
         if name in s and s[name] < 1:
             raise ConfigError(f"reproduce --{name}: must be >= 1, got {s[name]}")
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 1:
+        raise ConfigError(f"reproduce --workers: must be >= 1, got {workers}")
+    processes = bool(getattr(args, "processes", False))
+    most = (MAX_PROCESSES if processes else MAX_SIMULATED)[args.problem]
+    where = "local processes (--processes)" if processes else "simulated workers"
     if args.problem == "toy2d":
         _positive("beta", s["beta"], upto=1)
         try:
             points = parse_points(args.points) if args.points else list(PAPER_POINTS)
         except ValueError as exc:
             raise ConfigError(f'reproduce --points: expected "x,y;x,y;...": {exc}') from None
-        if not all(math.isfinite(c) for p in points for c in p) or len(points) > 16:
-            raise ConfigError("reproduce --points: 1 to 16 points with finite coordinates")
+        if not all(math.isfinite(c) for p in points for c in p):
+            raise ConfigError("reproduce --points: coordinates must be finite")
+        if workers is not None and args.points and workers != len(points):
+            raise ConfigError(f"reproduce --workers: {workers}, but --points gives {len(points)} point(s)")
+        if workers is not None and not args.points:
+            points = more_points(points, workers)
+        if len(points) > most:
+            raise ConfigError(f"reproduce --workers: toy2d runs at most {most} {where}, got {len(points)}")
         s["points"] = points
     else:
+        if s["workers"] > most:
+            raise ConfigError(f"reproduce --workers: at most {most} {where}, got {s['workers']}")
         if s["seed"] < 0:
             raise ConfigError(f"reproduce --seed: must be >= 0, got {s['seed']}")
         if s["rank"] > s["dim"]:
             raise ConfigError(f"reproduce --rank: must be <= --dim ({s['dim']}), got {s['rank']}")
-        if s["workers"] > 64:
-            raise ConfigError(f"reproduce --workers: at most 64 local processes, got {s['workers']}")
         if s["pull"] * s["workers"] > 1:  # EAGD's beta = workers * alpha must stay <= 1
             raise ConfigError("reproduce --pull: EAGD needs pull * workers <= 1")
     return s
+
+
+def more_points(points: Sequence[tuple[float, float]], count: int) -> list[tuple[float, float]]:
+    """`count` starting points: the first of `points`, then points drawn uniformly from [-20, 20]^2 (fixed
+    seed, so every run starts from the same ones)."""
+    if count <= len(points):
+        return list(points[:count])
+    g = torch.Generator().manual_seed(0)
+    extra = (torch.rand(count - len(points), 2, generator=g, dtype=torch.float64) * 40 - 20).tolist()
+    return [*points, *((round(x, 3), round(y, 3)) for x, y in extra)]
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -156,60 +193,70 @@ def _descend(
     ctx: Any,
     method: str,
     start: torch.Tensor,
-    objective: Callable[[torch.Tensor], torch.Tensor],
+    objective: Callable[[torch.Tensor], tuple[float | torch.Tensor, torch.Tensor]],
     s: dict[str, Any],
     beta: float,
     record: Trace,
 ) -> dict[str, Any]:
-    """Run one method from `start` with exact gradients, recording each point and its objective."""
+    """Run one method from `start` with exact gradients, recording each point and its objective.
+
+    `objective(x)` gives the value and its gradient (closed form: no autograd graph for a 2-D point);
+    the gradient goes into `.grad` and `CommOptimizer.step(value)` runs the algorithm as in training."""
     from commsgd.api import CommOptimizer
     from commsgd.problems import Point
+    from commsgd.simworld import report_progress
 
     model = Point(start)
     algo = _algorithm(method, s["pull"], beta, s["period"])
-    sgd = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=0.0)
+    sgd = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=0.0, foreach=False)  # no per-step probe
     opt = CommOptimizer(sgd, algo, model, ctx)
 
-    def closure() -> torch.Tensor:
-        value = objective(model.x)
-        record(model.x, float(value.detach()))
-        return value
-
+    every = max(1, s["steps"] // 100)
     for step in range(1, s["steps"] + 1):
-        opt.step(closure, step=step)
+        with torch.no_grad():
+            value, model.x.grad = objective(model.x)
+        record(model.x, float(value))
+        opt.step(value, step=step)
+        if step % every == 0:
+            report_progress(**{method.upper(): f"{100 * step // s['steps']:3d}%"})
     final = model.x.detach().clone()
-    record(final, float(objective(final)))
+    final_value = float(objective(final)[0])
+    record(final, final_value)
     with torch.no_grad(), algo.evaluated_parameters():
         center = model.x.detach().clone()
-    return {"final": float(objective(final)), "center": float(objective(center)), "center_x": center.tolist()}
+    return {"final": final_value, "center": float(objective(center)[0]), "center_x": center.tolist()}
 
 
 def _toy2d_worker(s: dict[str, Any]) -> dict[str, Any]:
     import commsgd
-    from commsgd.problems import toy2d_loss
+    from commsgd.problems import toy2d_value_and_grad
 
     ctx = commsgd.init()
     out: dict[str, Any] = {}
     start = torch.tensor(s["points"][ctx.rank], dtype=torch.float64)
     for method in METHODS:
         trace = Trace(s["steps"], points=True, every=max(1, s["steps"] // 500))
-        result = _descend(ctx, method, start, toy2d_loss, s, s["beta"], trace)
+        result = _descend(ctx, method, start, toy2d_value_and_grad, s, s["beta"], trace)
         out[method] = {**result, "path": trace.points, "losses": trace.values}
     return out
 
 
 def _matrix_worker(s: dict[str, Any]) -> dict[str, list[list[float]]]:
     import commsgd
-    from commsgd.problems import matrix_instance, matrix_objective, matrix_start
+    from commsgd.problems import matrix_instance, matrix_start, matrix_value_and_grad
 
     ctx = commsgd.init()
     curves: dict[str, list[list[float]]] = {m: [] for m in METHODS}
     for trial in range(s["trials"]):
+        if ctx.rank == 0:
+            from commsgd.simworld import report_progress
+
+            report_progress(trial=f"{trial + 1}/{s['trials']}")
         m = matrix_instance(s["dim"], s["rank"], s["seed"], trial)
         start = matrix_start(s["dim"], s["rank"], s["seed"], trial, ctx.rank)
 
-        def objective(x: torch.Tensor, m: torch.Tensor = m) -> torch.Tensor:
-            return matrix_objective(x, m)
+        def objective(x: torch.Tensor, m: torch.Tensor = m) -> tuple[torch.Tensor, torch.Tensor]:
+            return matrix_value_and_grad(x, m)
 
         for method in METHODS:
             trace = Trace(s["steps"], points=False)
@@ -222,11 +269,26 @@ def _matrix_worker(s: dict[str, Any]) -> dict[str, list[list[float]]]:
 # ------------------------------------------------------------------------------------------ problems
 
 
-def toy2d(s: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Both methods from `s['points']` (one process per point); (JSON summary, per-worker traces)."""
-    from commsgd.testing import run_distributed
+def _run_workers(fn: Callable[..., Any], count: int, s: dict[str, Any], processes: bool) -> list[Any]:
+    """`fn(s)` on `count` workers: spawned gloo processes, or a simulated world with a progress line."""
+    if processes:
+        from commsgd.testing import run_distributed
 
-    workers = run_distributed(_toy2d_worker, len(s["points"]), s, timeout=math.inf)
+        return run_distributed(fn, count, s, timeout=math.inf)
+    import sys
+
+    from commsgd.simworld import ProgressLine, SimulatedWorld
+
+    show = ProgressLine(sys.stderr)
+    try:
+        return SimulatedWorld(count, timeout_s=600.0).run(fn, s, progress=show)
+    finally:
+        show.clear()
+
+
+def toy2d(s: dict[str, Any], processes: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Both methods from `s['points']` (one worker per point); (JSON summary, per-worker traces)."""
+    workers = _run_workers(_toy2d_worker, len(s["points"]), s, processes)
     summary = {
         method: {"best": min(w[method]["final"] for w in workers), "center": workers[0][method]["center"]}
         for method in METHODS
@@ -234,11 +296,9 @@ def toy2d(s: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return summary, workers
 
 
-def matrix_completion(s: dict[str, Any]) -> dict[str, Any]:
+def matrix_completion(s: dict[str, Any], processes: bool = False) -> dict[str, Any]:
     """Both methods on `s['trials']` random instances; per method and trial the best objective per step."""
-    from commsgd.testing import run_distributed
-
-    workers = run_distributed(_matrix_worker, s["workers"], s, timeout=math.inf)
+    workers = _run_workers(_matrix_worker, s["workers"], s, processes)
     summary: dict[str, Any] = {}
     for method in METHODS:
         curves = [
@@ -303,11 +363,12 @@ def plot_toy2d(workers: list[dict[str, Any]], path: Path) -> None:
         top.contourf(xx.numpy(), yy.numpy(), landscape.numpy(), levels=40, cmap="viridis")
         for rank, w in enumerate(workers):
             xs, ys = zip(*w[method]["path"])
-            top.plot(xs, ys, lw=1.2, label=f"worker {rank}")
+            label = f"worker {rank}" if rank < 16 else None  # a legend of the first 16 at most
+            top.plot(xs, ys, lw=1.2, label=label)
             top.plot(xs[0], ys[0], "o", color="red")
             top.plot(xs[-1], ys[-1], "o", color="blue")
             steps, values = zip(*w[method]["losses"])
-            bottom.plot([max(t, 1) for t in steps], values, label=f"worker {rank}")
+            bottom.plot([max(t, 1) for t in steps], values, label=label)
         cx, cy = workers[0][method]["center_x"]
         top.plot(cx, cy, "*", color="white", markersize=12, label="center")
         top.set_title(f"{method.upper()}: trajectories (red start, blue end)")
@@ -351,11 +412,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plot = out / f"{args.problem}.png"
     if args.problem == "toy2d":
-        summary, workers = toy2d(s)
+        summary, workers = toy2d(s, args.processes)
         plot_toy2d(workers, plot)
         table = toy2d_table(summary, s)
     else:
-        summary = matrix_completion(s)
+        summary = matrix_completion(s, args.processes)
         plot_matrix(summary, s, plot)
         table = matrix_table(summary, s)
     (out / "results.json").write_text(json.dumps({"settings": s, **summary}) + "\n", encoding="utf-8")

@@ -40,8 +40,11 @@ def _child(
         GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
         OMP_NUM_THREADS="1",
     )
+    import faulthandler
+
     import torch
 
+    faulthandler.enable(all_threads=True)  # a crash or an abort at exit names the thread it was in
     torch.set_num_threads(1)
     try:
         result: Any = ("ok", fn(*args))

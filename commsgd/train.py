@@ -9,6 +9,7 @@ collective: every worker evaluates its shard of the test set and the sums are al
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -25,15 +26,20 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from commsgd import checkpoint, interrupt
-from commsgd.algorithms import Algorithm, build_algorithm
+from commsgd.algorithms import build_algorithm
 from commsgd.algorithms.base import MiniBatch, Slowdown
 from commsgd.api import CommOptimizer, NonFiniteError
-from commsgd.config import DEFAULT_STEPS, Config, to_dict
+from commsgd.config import DEFAULT_STEPS, Config, save_config, to_dict
 from commsgd.context import WorkerContext, create_context
 from commsgd.errors import CheckpointError, ConfigError, UserError, WorkerError
 from commsgd.interrupt import Interrupted, StopAgreement
 from commsgd.jobclock import JobClock
 from commsgd.metrics import JsonlLog, mean, peak_memory_mb, summary_table, write_json_atomic
+from commsgd.optim import build_optimizer, check_training_options, uses_job_clock
+from commsgd.optim import learning_rate as optim_rate
+from commsgd.precision import AgreedScaler, autocast
+from commsgd.progress import Progress
+from commsgd.startup import startup_s
 from commsgd.tasks import Dataset, build_model, derived_metrics, load_dataset, loss_and_errors
 
 
@@ -67,36 +73,25 @@ class ShardedBatches:
         return self._order[index * self.batch_size : (index + 1) * self.batch_size]
 
 
-def learning_rate(cfg: Config, step: int, elapsed_s: float) -> float:
-    """The schedule: constant, or multiplied by `drop_factor` at each passed step / second mark.
+def learning_rate(cfg: Config, step: int, elapsed_s: float, total: int = DEFAULT_STEPS) -> float:
+    """The rate after `step` finished steps of `total` (`commsgd.optim.learning_rate`).
 
     `elapsed_s` is the job's clock (`commsgd.jobclock`), not this worker's: the same on every worker."""
-    optim = cfg.optim
-    if optim.schedule == "constant":
-        return optim.lr
-    drops = sum(step >= s for s in optim.drop_steps) + sum(elapsed_s >= s for s in optim.drop_seconds)
-    return optim.lr * optim.drop_factor**drops
+    return optim_rate(cfg.optim, step, elapsed_s, total)
 
 
 def total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    """Steps of the run; an epoch is `batches_per_epoch` mini-batches, `optim.accumulate` per step."""
     if cfg.steps is not None:
         return cfg.steps
     if cfg.epochs is not None:
-        return cfg.epochs * batches_per_epoch
+        return max(1, cfg.epochs * batches_per_epoch // cfg.optim.accumulate)
     return DEFAULT_STEPS
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, algo: Algorithm) -> torch.optim.SGD:
-    settings: dict[str, Any] = {
-        "lr": cfg.optim.lr,
-        "momentum": cfg.optim.momentum,
-        "nesterov": cfg.optim.nesterov and cfg.optim.momentum > 0,
-        "weight_decay": cfg.optim.weight_decay,
-    }
-    settings.update(algo.optimizer_overrides(cfg.optim))
-    if settings["momentum"] == 0:
-        settings["nesterov"] = False
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **settings)
+def worker_threads(cfg: Config, local_workers: int) -> int:
+    """torch threads per worker: `cluster.threads`, else this machine's cores shared by its workers."""
+    return cfg.cluster.threads or max(1, (os.cpu_count() or 1) // local_workers)
 
 
 class Trainer:
@@ -104,10 +99,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, ctx: WorkerContext, run_dir: Path) -> None:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
-        threads = cfg.cluster.threads or max(
-            1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        )
-        torch.set_num_threads(threads)
+        torch.set_num_threads(worker_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         self.dataset: Dataset = load_dataset(
             cfg.data.dataset, cfg.data.data_dir, model=cfg.model, seed=cfg.seed
         )
@@ -117,7 +109,10 @@ class Trainer:
         if ctx.rank in cfg.cluster.slow_ranks:
             self.algo.slowdown = Slowdown(cfg.cluster.slow_factor, cfg.cluster.slow_sleep_s)
         self.algo.checkpoint_every = cfg.checkpoint_every  # before bind: async schedules need it
+        self.algo.accumulate = cfg.optim.accumulate
+        check_training_options(cfg, self.algo)
         self.optimizer = build_optimizer(cfg, self.model, self.algo)
+        self.scaler = AgreedScaler() if cfg.precision == "fp16" else None
         self.step_fn = CommOptimizer(
             self.optimizer,
             self.algo,
@@ -125,6 +120,8 @@ class Trainer:
             ctx,
             nonfinite=cfg.nonfinite,
             max_bad_steps=cfg.max_bad_steps,
+            clip_norm=cfg.optim.clip_norm,
+            scaler=self.scaler,
         )
         self.batches = ShardedBatches(
             len(self.dataset.train_y), cfg.data.batch_size, ctx.rank, ctx.world_size, cfg.seed
@@ -151,6 +148,7 @@ class Trainer:
         )
         self.metrics = JsonlLog(run_dir / "metrics" / f"rank{ctx.rank}.jsonl")
         self.evals = JsonlLog(run_dir / "eval.jsonl")
+        self._last_eval: tuple[int, dict[str, float]] | None = None  # (step, result) recorded last
         self.tensorboard = self._tensorboard()
 
     # ------------------------------------------------------------------ resume
@@ -241,6 +239,8 @@ class Trainer:
             self.lr = float(state.get("lr", self.optimizer.param_groups[0]["lr"]))
             self.algo.load_state_dict(state["algorithm"])
             self.step_fn.load_guard_state(state.get("nonfinite", {}))
+            if self.scaler is not None and "scaler" in state:  # absent: saved by an fp32/bf16 run
+                self.scaler.load_state_dict(state["scaler"])
             ctx.comm.meter.load_state_dict(state["meter"])
             set_rng_state(state["rng"])
             self.data_gen.set_state(state["rng"]["data"])
@@ -275,6 +275,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "algorithm": self.algo.state_dict(),
             "nonfinite": self.step_fn.guard_state(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             "meter": ctx.comm.meter.state_dict(),
             "rng": {**rng_state(), "data": self.data_gen.get_state()},
             "compute_s": self.compute_s,
@@ -325,6 +326,7 @@ class Trainer:
     def run(self) -> dict[str, Any] | None:
         cfg, ctx = self.cfg, self.ctx
         self._start = time.perf_counter()
+        self._first_step_at = time.time()  # the start-up the user waited for ends here (startup_s)
         bar = self._progress()
         comm = ctx.comm.meter
         stopper = StopAgreement(
@@ -355,11 +357,12 @@ class Trainer:
             if self.step % cfg.log_every == 0:
                 self._log(epoch, loss_value)
             if bar is not None:
-                bar.update(1)
-                if self.step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                bar.update(self.step, loss_value)
             if self.algo.should_evaluate(self.step, cfg.eval_every):
-                self._record_eval(self.evaluate())
+                result = self.evaluate()
+                self._record_eval(result)
+                if bar is not None:
+                    bar.test_error(result["test_error"])
             label = self.algo.checkpoint_label(self.step)  # on a job-wide schedule for async ones
             saved = label is not None
             if label is not None:
@@ -402,7 +405,15 @@ class Trainer:
         raise Interrupted(signum, step)
 
     def _loss_closure(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
-        return lambda: loss_and_errors(self.model(x), y)[0]
+        """The batch's loss: the forward pass under `precision`'s autocast; with fp16, a backward
+        through it multiplies the gradient by the loss scale (the value itself is unscaled)."""
+
+        def loss() -> torch.Tensor:
+            with autocast(self.cfg.precision, self.ctx.device):
+                value = loss_and_errors(self.model(x), y)[0]
+            return value if self.scaler is None else self.scaler.scaled(value)
+
+        return loss
 
     def _next_batch(self) -> MiniBatch:
         """This worker's next mini-batch (the algorithm draws one per step, or more by a deadline)."""
@@ -427,9 +438,9 @@ class Trainer:
         return self.compute_s + c.comm_s + c.wait_s
 
     def _apply_lr(self, epoch: int) -> None:
-        timed = self.cfg.optim.schedule != "constant" and bool(self.cfg.optim.drop_seconds)
+        timed = uses_job_clock(self.cfg.optim)
         elapsed = self.job_clock.seconds(self.step, self.wall_s()) if timed else 0.0
-        lr = learning_rate(self.cfg, self.step, elapsed)
+        lr = learning_rate(self.cfg, self.step, elapsed, self.total)
         if lr != self.lr:
             self.algo.on_lr_change(self.lr, lr)
             self.lr = lr
@@ -469,8 +480,9 @@ class Trainer:
             sums = torch.zeros(3, dtype=torch.float64)
             with torch.no_grad():
                 for x, y in self.dataset.test_batches(256, shard=(ctx.rank, ctx.world_size)):
-                    out = model(x.to(ctx.device))
-                    loss, errors = loss_and_errors(out, y.to(ctx.device))
+                    with autocast(self.cfg.precision, ctx.device):
+                        out = model(x.to(ctx.device))
+                        loss, errors = loss_and_errors(out, y.to(ctx.device))
                     count = y.numel()
                     sums += torch.tensor(
                         [loss.item() * count, float(errors), float(count)], dtype=torch.float64
@@ -486,6 +498,10 @@ class Trainer:
         }
 
     def _record_eval(self, result: dict[str, float]) -> None:
+        """Log an evaluation (rank 0); the end-of-run one only if it differs from one just taken."""
+        if self._last_eval == (self.step, result):  # the last step was an evaluation step too
+            return
+        self._last_eval = (self.step, result)
         if self.ctx.is_main:
             record = {"step": self.step, "wall_s": round(self.wall_s(), 6), **result}
             self.evals.write(record)
@@ -527,8 +543,11 @@ class Trainer:
             "dataset": self.cfg.data.dataset,
             "backend": ctx.backend,
             "device": str(ctx.device),
+            "workers_per_node": [ctx.comm.node_of.count(n) for n in range(ctx.num_nodes)],
+            **algorithm_parameters(self.algo),
             **final,
             "wall_time_s": max(w["wall_time_s"] for w in workers),
+            "startup_s": startup_s(self._first_step_at),
         }
         for key in (
             "steps",
@@ -557,13 +576,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ extras
 
-    def _progress(self) -> Any:
+    def _progress(self) -> Progress | None:
+        """Rank 0's bar (a terminal) or plain lines (a batch job), when `progress` is on."""
         if not (self.ctx.is_main and self.cfg.progress):
             return None
-        from tqdm import tqdm
-
-        return tqdm(
-            total=self.total, initial=self.step, desc=self.cfg.algorithm, unit="step", dynamic_ncols=True
+        cfg = self.cfg
+        return Progress(
+            self.total,
+            self.step,
+            cfg.algorithm,
+            every_steps=cfg.progress_every,
+            every_s=cfg.progress_every_s,
         )
 
     def _tensorboard(self) -> Any:
@@ -576,6 +599,18 @@ class Trainer:
                 "tensorboard: true needs the tensorboard package (pip install tensorboard)"
             ) from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+
+def algorithm_parameters(algo: Any) -> dict[str, Any]:
+    """The algorithm's parameters for summary.json: all of them, and the names set away from their
+    defaults (the final table shows those, or all when they are few)."""
+    params = getattr(algo, "params", None)
+    if params is None or not dataclasses.is_dataclass(params) or isinstance(params, type):
+        return {"algorithm_params": {}, "algorithm_params_set": []}
+    values = dataclasses.asdict(params)
+    defaults = dataclasses.asdict(type(params)())
+    changed = [k for k in values if values[k] != defaults[k]]
+    return {"algorithm_params": values, "algorithm_params_set": changed}
 
 
 def rng_state() -> dict[str, Any]:
@@ -675,6 +710,10 @@ def _train(cfg: Config, ctx: WorkerContext, run_dir: Path, resume: bool) -> dict
     """Build the trainer, restore on --resume or after an elastic restart, and run to the end."""
     trainer = Trainer(cfg, ctx, run_dir)
     restored = trainer.restore(resume) if (resume or ctx.restart_count > 0) else False
+    if resume and restored and ctx.is_main:
+        # Only now, with every worker's state loaded: a resume that fails (a changed parameter that
+        # shapes the algorithm's state, say) leaves the run's config.yaml as it was.
+        save_config(cfg, run_dir / "config.yaml")
     if not restored:  # a fresh start (or a restart before the first checkpoint): no stale records
         trainer.metrics.truncate_after(0)
         if ctx.is_main:

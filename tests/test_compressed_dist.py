@@ -12,9 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import commsgd
-from commsgd.testing import run_distributed
-
-pytestmark = pytest.mark.multiprocess
+from commsgd.simworld import run_simulated
 
 EF_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "topk": ("ef_sgd", {"compressor": "topk", "ratio": 0.05}),
@@ -82,7 +80,7 @@ def _everything() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def results() -> list[dict[str, Any]]:
-    return run_distributed(_everything, WORLD)
+    return run_simulated(_everything, WORLD)
 
 
 def test_error_feedback_invariant_and_bytes_per_step(results: list[dict[str, Any]]) -> None:

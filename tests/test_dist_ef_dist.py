@@ -13,9 +13,7 @@ from torch import nn
 import commsgd
 from commsgd.comm import Communicator
 from commsgd.compression import get
-from commsgd.testing import run_distributed
-
-pytestmark = pytest.mark.multiprocess
+from commsgd.simworld import run_simulated
 
 WORLD, BATCH, STEPS = 3, 8, 5
 
@@ -68,7 +66,7 @@ def _all_cases() -> dict[str, tuple[torch.Tensor, list[float]]]:
 
 @pytest.fixture(scope="module")
 def runs() -> list[dict[str, tuple[torch.Tensor, list[float]]]]:
-    return run_distributed(_all_cases, WORLD)
+    return run_simulated(_all_cases, WORLD)
 
 
 def _nesterov_reference() -> torch.Tensor:

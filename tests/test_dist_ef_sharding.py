@@ -14,9 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import commsgd
-from commsgd.testing import run_distributed
-
-pytestmark = pytest.mark.multiprocess
+from commsgd.simworld import run_simulated
 
 STEPS, BATCH = 6, 8
 
@@ -72,7 +70,7 @@ def _all_runs() -> dict[tuple[str, str, str], dict[str, Any]]:
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
 def runs(request: pytest.FixtureRequest) -> list[dict[tuple[str, str, str], dict[str, Any]]]:
-    return run_distributed(_all_runs, request.param)
+    return run_simulated(_all_runs, request.param)
 
 
 @pytest.mark.parametrize("model", list(MODELS))

@@ -11,6 +11,7 @@ import sys
 import threading
 from datetime import timedelta
 
+import pytest
 import torch.distributed as dist
 
 from commsgd import context
@@ -87,3 +88,35 @@ def test_a_failed_beat_does_not_end_the_heartbeat() -> None:
     finally:
         heartbeat.halt()
     assert store.counts >= 3
+
+
+def test_a_beat_stuck_in_the_store_is_said_at_halt(capsys: pytest.CaptureFixture[str]) -> None:
+    """A store server that stops answering holds a beat beyond its timeout (TCPStore's timeout does
+    not bound `add`); halt cannot end that thread, so it says so instead of returning as if it had."""
+
+    class StuckStore:
+        def __init__(self) -> None:
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def clone(self) -> StuckStore:
+            return self
+
+        def set_timeout(self, _: timedelta) -> None:
+            pass
+
+        def add(self, _key: str, amount: int) -> int:
+            self.entered.set()
+            self.release.wait(30)
+            return amount
+
+    store = StuckStore()
+    heartbeat = context.Heartbeat(store, 3, 4, 0.01)
+    try:
+        assert store.entered.wait(10)
+        assert heartbeat.halt() is False
+    finally:
+        store.release.set()
+        heartbeat._thread.join(10)
+    err = capsys.readouterr().err
+    assert "rank 3: the heartbeat thread is still inside a store call" in err
+    assert not heartbeat._thread.is_alive()

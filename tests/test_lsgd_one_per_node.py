@@ -16,9 +16,7 @@ from torch import nn
 
 import commsgd
 from commsgd.config import ClusterConfig
-from commsgd.testing import run_distributed
-
-pytestmark = pytest.mark.multiprocess
+from commsgd.simworld import run_simulated
 
 WORLD, STEPS, TAU = 3, 8, 2
 CASES: dict[str, dict[str, Any]] = {
@@ -59,7 +57,7 @@ def _everything() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def results() -> list[dict[str, Any]]:
-    return run_distributed(_everything, WORLD)
+    return run_simulated(_everything, WORLD)
 
 
 @pytest.mark.parametrize("name", ["node", "node_with_global_settings"])

@@ -20,9 +20,7 @@ import torch.nn.functional as F
 
 import commsgd
 from commsgd.api import all_finite
-from commsgd.testing import run_distributed
-
-pytestmark = pytest.mark.multiprocess
+from commsgd.simworld import run_simulated
 
 WORLD, STEPS, BAD_RANK, BAD_STEP = 2, 6, 1, 3
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -87,7 +85,7 @@ def _train(names: list[str]) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def runs() -> list[dict[str, dict[str, Any]]]:
-    return run_distributed(_train, WORLD, ALGORITHMS)
+    return run_simulated(_train, WORLD, ALGORITHMS)
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)

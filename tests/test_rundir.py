@@ -442,3 +442,18 @@ def test_a_metrics_log_cut_back_while_open_keeps_what_is_written_after(tmp_path:
     log.close()
     assert read_jsonl(log.path) == [{"step": 1}, {"step": 2, "again": True}]
     assert [p.name for p in log.path.parent.iterdir()] == ["rank0.jsonl"]
+
+
+@pytest.mark.multiprocess
+def test_a_resume_refused_by_the_algorithm_state_leaves_config_yaml_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A parameter that shapes the algorithm's state (PowerSGD's rank) is found only when the
+    workers load the checkpoint: the run's config.yaml must still say what the checkpoint is."""
+    out = tmp_path / "run"
+    argv = ["train", "--workers", "1", "--steps", "2", "--algorithm", "powersgd", "--out", str(out)]
+    assert cli.main([*argv, "progress=false", "algo.rank=2", "algo.warmup_steps=0"]) == 0
+    before = (out / "config.yaml").read_text()
+    assert cli.main(["train", "--resume", str(out), "--steps", "4", "algo.rank=4"]) == 2
+    assert "does not fit this run" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == before

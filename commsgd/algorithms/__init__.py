@@ -1,5 +1,6 @@
 """Algorithms, registered by name. Every module in this package is imported here, so adding an
-algorithm is adding a module with a `@register`-ed class; nothing else needs editing."""
+algorithm is adding a module with a `@register`-ed class, plus its line in the torch-free
+`commsgd/catalogue.py` that `--help` and `list` read (a test says so when it is missing)."""
 
 from __future__ import annotations
 

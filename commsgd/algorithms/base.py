@@ -81,6 +81,10 @@ class Algorithm:
     single_worker: ClassVar[bool] = False
     #: draws its own mini-batches in `compute_gradient`: a step needs `next_batch`, not a ready loss
     draws_batches: ClassVar[bool] = False
+    #: the local optimizers (`optim.name`) the update rule allows; `check_optim` refuses the others
+    inner_optimizers: ClassVar[tuple[str, ...]] = ("sgd", "adamw")
+    #: why only those (said when another is asked for)
+    inner_optimizer_reason: ClassVar[str] = ""
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -91,6 +95,9 @@ class Algorithm:
         #: the run's checkpoint period in steps (0: only the final checkpoint), set by the Trainer
         #: before `bind` so that asynchronous algorithms can put checkpoints on their job-wide schedule
         self.checkpoint_every = 0
+        #: micro-batches per step (`optim.accumulate`), set by the Trainer: the default
+        #: `compute_gradient` runs that many backward passes, all but the last inside `no_sync()`
+        self.accumulate = 1
 
     @classmethod
     def create(cls, params: Any) -> Algorithm:
@@ -103,6 +110,15 @@ class Algorithm:
     def optimizer_overrides(self, optim: OptimConfig) -> dict[str, Any]:
         """Changes to the local torch SGD settings (e.g. momentum handled inside the algorithm)."""
         return {}
+
+    def check_optim(self, optim: OptimConfig) -> None:
+        """ConfigError (one line) if the local optimizer settings do not fit this algorithm's update."""
+        if optim.name not in self.inner_optimizers:
+            reason = f": {self.inner_optimizer_reason}" if self.inner_optimizer_reason else ""
+            raise ConfigError(
+                f"optim.name: {self.name} needs {' or '.join(self.inner_optimizers)}, "
+                f"not {optim.name}{reason}"
+            )
 
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Attach to this worker's model and optimizer; create groups and buffers here (collective)."""
@@ -129,16 +145,24 @@ class Algorithm:
     def compute_gradient(self, step: int, next_batch: NextBatch) -> float:
         """Fill the parameters' `.grad` for `step` from mini-batches of `next_batch()`; return the loss.
 
-        Default: one mini-batch (zero the gradients, forward, backward). Deadline-based methods override
-        it to draw as many mini-batches as finish in time.
+        Default: one mini-batch (zero the gradients, forward, backward); with `accumulate` = k > 1, k
+        micro-batches, each loss divided by k (the gradient of their mean), the first k-1 backward
+        passes inside `no_sync()` so that communication happens once per step; the loss returned is
+        their mean. Deadline-based methods override it to draw as many mini-batches as finish in time.
         """
         if self.optimizer is None:
             raise RuntimeError(f"algorithm {self.name!r} is not bound: call bind(ctx, model, optimizer)")
-        batch = next_batch()
-        self.optimizer.zero_grad(set_to_none=False)
-        value = batch.loss()
-        value.backward()
-        return float(value.detach().item())
+        k = self.accumulate
+        total = 0.0
+        for i in range(k):
+            batch = next_batch()
+            if i == 0:
+                self.optimizer.zero_grad(set_to_none=False)
+            with self.no_sync() if i < k - 1 else contextlib.nullcontext():
+                value = batch.loss()
+                (value / k if k > 1 else value).backward()
+            total += float(value.detach().item())
+        return total / k
 
     def after_backward(self, step: int) -> None:
         """Replace the local gradients by communicated ones (or leave them for local SGD).

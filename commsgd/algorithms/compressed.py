@@ -246,7 +246,13 @@ def load_into(name: str, target: Tensor, source: Tensor) -> None:
 class OwnsMomentum(Algorithm):
     """An algorithm that applies momentum to the flat gradient itself (`signum`, `dist_ef_sgd`): the
     trainer's torch momentum is switched off, and a torch optimizer with momentum (a user's own loop) is
-    refused, since it would apply momentum a second time."""
+    refused, since it would apply momentum a second time. The local step must be plain SGD."""
+
+    inner_optimizers = ("sgd",)
+    inner_optimizer_reason = (
+        "it applies its own momentum to the gradient before communication, and the local step is "
+        "x -= lr * (what came back); AdamW would be a second optimizer on top"
+    )
 
     def optimizer_overrides(self, optim: OptimConfig) -> dict[str, Any]:
         return {"momentum": 0.0, "nesterov": False}

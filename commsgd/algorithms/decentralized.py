@@ -254,6 +254,19 @@ class QDSGD(Decentralized):
     Params = QuantizedParams
     params: QuantizedParams
     _configured_momentum = 0.0  # optim.momentum, seen in optimizer_overrides (the trainer sets it to 0)
+    inner_optimizers = ("sgd",)
+    inner_optimizer_reason = (
+        "it applies its own step x <- mix - alpha*eps*g and clears .grad, "
+        "so no torch optimizer moves the model"
+    )
+
+    def check_optim(self, optim: OptimConfig) -> None:
+        super().check_optim(optim)
+        if optim.clip_norm is not None:
+            raise ConfigError(
+                f"optim.clip_norm: {self.name} applies its own step to the raw gradient "
+                "(x <- mix - alpha*eps*g); clipping is not part of it"
+            )
 
     def optimizer_overrides(self, optim: OptimConfig) -> dict[str, Any]:
         # The algorithm applies alpha*eps*g itself and clears .grad, so the torch optimizer never moves x;

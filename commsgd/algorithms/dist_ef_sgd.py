@@ -101,6 +101,10 @@ class DistEFSGD(OwnsMomentum):
     """Two-way compressed SGD with Nesterov momentum and error feedback on both sides."""
 
     name = "dist_ef_sgd"
+    inner_optimizer_reason = (
+        "its Nesterov momentum and both error feedbacks are the paper's SGD update x -= lr * C(q); "
+        "AdamW would be a second optimizer on top"
+    )
     summary_line = "dist-EF-SGD: two-way compression, Nesterov momentum, worker + server error feedback"
     Params = DistEFParams
     params: DistEFParams

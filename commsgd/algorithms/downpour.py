@@ -205,7 +205,9 @@ class ServerAlgorithm(Algorithm):
         if ctx.rank == SERVER_RANK:
             self.center = Center([f.buffer for f in self._flats], ctx.world_size)  # copies them
             if group is not None:
-                self._server_comm = Communicator(ctx.rank, ctx.world_size, comm.node_of, comm.network)
+                self._server_comm = Communicator(
+                    ctx.rank, ctx.world_size, comm.node_of, comm.network, transport=comm.transport
+                )
                 self.server = ServerThread(self.center, self._server_comm, group)
             self.client = LocalClient(self.center, self.server)
         else:

@@ -62,6 +62,11 @@ def eamsgd_overrides(params: EASGDParams, optim: OptimConfig) -> dict[str, Any]:
     """EAMSGD: the local steps use Nesterov momentum (`params.momentum`, default the optimizer's)."""
     if not params.eamsgd:
         return {}
+    if optim.name != "sgd":
+        raise ConfigError(
+            f"optim.name: easgd with eamsgd=true runs Nesterov-momentum SGD locally, not {optim.name}; "
+            "use optim.name=sgd or eamsgd=false"
+        )
     momentum = params.momentum if params.momentum is not None else optim.momentum
     return {"momentum": momentum, "nesterov": True}
 
@@ -92,6 +97,10 @@ class EASGD(RoundAlgorithm):
 
     def optimizer_overrides(self, optim: OptimConfig) -> dict[str, Any]:
         return eamsgd_overrides(self.params, optim)
+
+    def check_optim(self, optim: OptimConfig) -> None:
+        super().check_optim(optim)
+        eamsgd_overrides(self.params, optim)  # refuses adamw under eamsgd
 
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
@@ -181,6 +190,10 @@ class EASGDServer(ServerAlgorithm):
 
     def optimizer_overrides(self, optim: OptimConfig) -> dict[str, Any]:
         return eamsgd_overrides(self.params, optim)
+
+    def check_optim(self, optim: OptimConfig) -> None:
+        super().check_optim(optim)
+        eamsgd_overrides(self.params, optim)  # refuses adamw under eamsgd
 
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)

@@ -214,7 +214,7 @@ def run_batch(env: BenchEnv, bench: str, jobs: Sequence[Job]) -> dict[str, Run |
     job fails, it is noted with the worker's error and the jobs after it continue in a fresh set of
     processes.
     """
-    from commsgd.cli import build_parser, resolve_train_config
+    from commsgd.cli import parse_command_line, resolve_train_config
     from commsgd.config import save_config, to_dict
     from commsgd.errors import UserError
     from commsgd.testing import run_distributed
@@ -225,7 +225,7 @@ def run_batch(env: BenchEnv, bench: str, jobs: Sequence[Job]) -> dict[str, Run |
         run_dir = env.runs_dir(bench) / job.name
         shutil.rmtree(run_dir, ignore_errors=True)
         try:
-            cfg, _, _ = resolve_train_config(build_parser().parse_args(job.argv(run_dir)))
+            cfg, _, _ = resolve_train_config(parse_command_line(job.argv(run_dir))[1])
         except UserError as exc:
             env.note(f"{bench}: run `{job.name}` rejected: {exc}")
             results[job.name] = None

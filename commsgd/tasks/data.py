@@ -9,6 +9,7 @@ from commsgd.tasks.dataset import Dataset
 from commsgd.tasks.imagefiles import LAYOUT as IMAGEFOLDER_LAYOUT
 from commsgd.tasks.imagefolder import load_imagefolder
 from commsgd.tasks.text import load_text_dataset
+from commsgd.tasks.user import is_user_spec, load_user_dataset
 
 DATASETS = ("digits", "synthetic", "cifar10", "imagefolder", "text")
 
@@ -19,7 +20,10 @@ def load_dataset(name: str, data_dir: str | None, *, model: str, seed: int) -> D
     `data_dir` is required for cifar10 and imagefolder, optional for text (None: generated corpus) and
     ignored by the bundled sets. `seed` does not change the data: splits and generated sets are fixed so
     that every run is scored on the same test set; runs differ only in sampling and augmentation.
+    ``package.module:function`` is the user's own builder (`commsgd.tasks.user`).
     """
+    if is_user_spec(name):
+        return load_user_dataset(name, data_dir)
     if name == "digits":
         return load_digits_dataset()
     if name == "synthetic":

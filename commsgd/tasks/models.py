@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from commsgd.errors import ConfigError
 from commsgd.tasks.convnets import ResNet20, ResNet50, cnn7, cnn_small, vgg16
 from commsgd.tasks.dataset import DatasetSpec
+from commsgd.tasks.user import build_user_model, is_user_spec
 
 HIDDEN = 128
 
@@ -92,7 +93,12 @@ COMPATIBLE: dict[str, tuple[str, ...]] = {
 
 
 def check_model_fits(name: str, spec: DatasetSpec) -> None:
-    """ConfigError if model `name` is unknown or does not fit the data set kind of `spec`."""
+    """ConfigError if model `name` is unknown or does not fit the data set kind of `spec`.
+
+    The user's own builder (``package.module:function``) is imported and called to find out."""
+    if is_user_spec(name):
+        build_user_model(name, spec)
+        return
     if name not in _BUILDERS:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     fits = COMPATIBLE[spec.kind]
@@ -104,5 +110,7 @@ def check_model_fits(name: str, spec: DatasetSpec) -> None:
 
 def build_model(name: str, spec: DatasetSpec) -> nn.Module:
     """Build model `name` sized for `spec`; ConfigError if unknown or unfit for the data set kind."""
+    if is_user_spec(name):
+        return build_user_model(name, spec)
     check_model_fits(name, spec)
     return _BUILDERS[name](spec.input_shape, spec.num_classes)

@@ -1,0 +1,737 @@
+"""A simulated world: N workers as threads of one process, their collectives acting on tensors in memory.
+
+Why. The math problems of `commsgd reproduce` and studies of communication patterns at 64-1,024 workers
+need the algorithms' own update code, but not gloo: spawning processes and 80,000 loopback collectives
+for a 2-D point cost minutes. Here every worker runs in its own Python thread with its own
+`WorkerContext`, whose `Communicator` is the ordinary one (it counts and times every byte, and applies
+the optional network model's delays) with a `SimTransport` in place of torch.distributed.
+
+Semantics (what is guaranteed):
+
+- Collectives of one group run in the order each member calls them, as with a real process group; a
+  member that calls a different op (or the same op on tensors of another dtype or size) than the others
+  fails them all with one error naming both calls.
+- Reductions are computed once, by the last member to arrive, over the members' tensors in rank order
+  (for ``sum``: t_0 + t_1 + ... left to right; ``avg`` divides that sum by the group size), so every
+  member gets bitwise the same result. gloo adds in another order, so for floats the two agree to
+  rounding, not bitwise (they do bitwise where the sum is exact).
+- Asynchronous all-reduces run when waited on, or before the next op of the same member on the same group.
+- Sends are buffered (a copy is queued; `send` never waits for the receiver); a receive takes the oldest
+  message from its source (from any source for ``src=None``) in that process group.
+- The store (`SimStore`) has the torch.distributed store's add/set/get/check/compare_set.
+- A worker that raises aborts the world: every other worker's wait ends with `WorldAborted`, and
+  `SimulatedWorld.run` raises the first real error (rank, type, message, traceback). A wait longer than
+  the world's timeout (a deadlock in the code under test) is an error as well.
+
+What is not simulated: time. Without a network model the workers' communication takes only the copy;
+with one, each call sleeps its modelled delay in its own thread (threads sleep in parallel, so the wall
+time follows the slowest worker as in a real job). Compute is not parallel (one Python interpreter), so
+wall-clock results of the training loop (deadlines, stragglers) do not carry over.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from commsgd.comm import Communicator, ReduceName
+from commsgd.config import ClusterConfig, NetworkConfig
+from commsgd.context import WorkerContext, node_layout
+
+
+class WorldAborted(RuntimeError):
+    """This worker's wait ended because another worker of the simulated world failed."""
+
+
+# ------------------------------------------------------------------------------------------ reductions
+
+
+def _reduce(tensors: Sequence[torch.Tensor], op: ReduceName) -> torch.Tensor:
+    """The reduction of `tensors` in the given (rank) order, into a fresh tensor."""
+    acc = tensors[0].clone()
+    for t in tensors[1:]:
+        if op in ("sum", "avg"):
+            acc.add_(t)
+        elif op == "max":
+            torch.maximum(acc, t, out=acc)
+        else:
+            torch.minimum(acc, t, out=acc)
+    if op == "avg":
+        if acc.is_floating_point() or acc.is_complex():
+            acc.div_(len(tensors))
+        else:
+            acc = torch.div(acc, len(tensors), rounding_mode="floor")
+    return acc
+
+
+def _signature(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.dtype, t.numel())
+
+
+@dataclass
+class _Call:
+    """One member's part of a collective: what it asks for (`key`, equal on every member) and its data."""
+
+    key: tuple[Any, ...]
+    data: Any = None
+
+
+def _combine(name: str, calls: list[_Call], key: tuple[Any, ...], index: dict[int, int]) -> Any:
+    """The result of one collective from every member's call, in rank order."""
+    p = len(calls)
+    if name in ("all_reduce", "reduce_scatter"):
+        return _reduce([c.data for c in calls], key[1])
+    if name == "broadcast":
+        return calls[index[key[1]]].data.clone()
+    if name == "all_gather":
+        return torch.cat([c.data for c in calls])
+    if name == "all_to_all":
+        return torch.stack([c.data.reshape(p, -1) for c in calls])  # [source, destination, chunk]
+    if name == "gather":
+        return [c.data.clone() for c in calls]
+    if name == "scatter":
+        parts = calls[index[key[1]]].data
+        return [part.clone() for part in parts]
+    return None  # barrier
+
+
+class _Rendezvous:
+    """One group's meeting point. The k-th op of every member posts its part in slot set k % 2; the last
+    member to arrive computes the result for all and wakes the others; two slot sets let a member post
+    op k+1 while others still read op k (none can post op k+2 before all have arrived at op k+1)."""
+
+    def __init__(self, world: SimulatedWorld, ranks: tuple[int, ...], name: str) -> None:
+        self.world, self.ranks, self.name = world, ranks, name
+        self.index = {r: i for i, r in enumerate(ranks)}
+        p = len(ranks)
+        self._posted: list[list[_Call | None]] = [[None] * p, [None] * p]
+        self._results: list[Any] = [None, None]
+        self._turn = [0] * p
+        self._arrived = 0
+        self._completed = 0  # ops completed so far
+        self._waiters: list[_Sleeper] = []
+
+    def meet(self, rank: int, call: _Call) -> Any:
+        world = self.world
+        with world.lock:
+            i = self.index[rank]
+            turn = self._turn[i]
+            self._turn[i] += 1
+            self._posted[turn & 1][i] = call
+            self._arrived += 1
+            if self._arrived == len(self.ranks):
+                self._arrived = 0
+                self._complete(turn & 1)
+                world.wake_all(self._waiters)
+            else:
+                world.wait(self._waiters, lambda: self._completed > turn, f"{call.key[0]} on {self.name}")
+            result = self._results[turn & 1]
+        if isinstance(result, _Mismatch):
+            raise RuntimeError(result.message)
+        return result
+
+    def _complete(self, parity: int) -> None:
+        self._completed += 1
+        calls = [c for c in self._posted[parity] if c is not None]  # every member has posted
+        key = calls[0].key
+        for rank, c in zip(self.ranks, calls):
+            if c.key != key:
+                self._results[parity] = _Mismatch(
+                    f"simulated world: collective #{self._completed} on {self.name}: rank {self.ranks[0]} "
+                    f"called {key}, rank {rank} called {c.key}"
+                )
+                return
+        try:
+            self._results[parity] = _combine(key[0], calls, key, self.index)
+        except Exception as exc:  # every member raises it, not only the one that computed it
+            self._results[parity] = _Mismatch(f"simulated world: {key[0]} on {self.name}: {exc}")
+
+
+@dataclass
+class _Mismatch:
+    message: str
+
+
+@dataclass(eq=False)
+class SimGroup:
+    """A simulated process group: its global ranks and their rendezvous."""
+
+    ranks: tuple[int, ...]
+    rendezvous: _Rendezvous
+    id: int
+
+
+# ------------------------------------------------------------------------------------------ transport
+
+
+class _Done:
+    """The handle of an op already complete (buffered sends)."""
+
+    def wait(self) -> None:
+        return None
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class _Deferred:
+    """An op that runs when waited on (or when its member's next op on the same queue needs it done)."""
+
+    def __init__(self, queue: deque[_Deferred], run: Callable[[], None]) -> None:
+        self._queue, self._run, self.done = queue, run, False
+
+    def wait(self) -> None:
+        while not self.done:  # everything queued before this one first, in order
+            self._queue[0].execute()
+
+    def execute(self) -> None:
+        self._queue.popleft()
+        self._run()
+        self.done = True
+
+    def is_completed(self) -> bool:
+        return self.done
+
+
+class SimTransport:
+    """The Communicator's transport for one worker of a `SimulatedWorld` (see the module docstring)."""
+
+    def __init__(self, world: SimulatedWorld, rank: int) -> None:
+        self.world, self.rank = world, rank
+        self._groups = 0  # new_group calls so far: the i-th call of every rank names the same group
+        self._async: deque[_Deferred] = deque()  # asynchronous collectives not yet run, in posting order
+        self._recvs: deque[_Deferred] = deque()  # receives posted, not yet matched (in posting order)
+
+    def _group(self, pg: SimGroup | None) -> SimGroup:
+        return self.world.everyone if pg is None else pg
+
+    def _flush(self) -> None:
+        """Run the asynchronous collectives posted so far: before this worker waits for anything else,
+        as a real process group would have progressed them in the background meanwhile."""
+        while self._async:
+            self._async[0].execute()
+
+    def _meet(self, pg: SimGroup | None, call: _Call) -> Any:
+        self._flush()
+        return self._group(pg).rendezvous.meet(self.rank, call)
+
+    def sleep(self, seconds: float) -> None:
+        self.world.sleep(seconds)
+
+    def new_group(self, ranks: list[int], timeout: timedelta | None) -> SimGroup:
+        self._groups += 1
+        return self.world.group(self._groups, tuple(ranks))
+
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceName, pg: Any, async_op: bool = False) -> Any:
+        def run() -> None:
+            tensor.copy_(self._meet(pg, _Call(("all_reduce", op, *_signature(tensor)), tensor)))
+
+        if not async_op:
+            run()
+            return None
+        work = _Deferred(self._async, run)
+        self._async.append(work)
+        return work
+
+    def broadcast(self, tensor: torch.Tensor, src: int, pg: Any) -> None:
+        result = self._meet(pg, _Call(("broadcast", src, *_signature(tensor)), tensor))
+        if self.rank != src:
+            tensor.copy_(result.view_as(tensor))
+
+    def all_gather(self, out: torch.Tensor, flat: torch.Tensor, pg: Any) -> None:
+        out.copy_(self._meet(pg, _Call(("all_gather", *_signature(flat)), flat)))
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: ReduceName, pg: Any) -> None:
+        group = self._group(pg)
+        result = self._meet(pg, _Call(("reduce_scatter", op, *_signature(input)), input))
+        output.copy_(result.view(len(group.ranks), -1)[group.rendezvous.index[self.rank]].view_as(output))
+
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, pg: Any) -> None:
+        group = self._group(pg)
+        result = self._meet(pg, _Call(("all_to_all", *_signature(input)), input))
+        output.view(len(group.ranks), -1).copy_(result[:, group.rendezvous.index[self.rank]])
+
+    def gather(self, tensor: torch.Tensor, chunks: list[torch.Tensor] | None, dst: int, pg: Any) -> None:
+        result = self._meet(pg, _Call(("gather", dst, *_signature(tensor)), tensor))
+        if self.rank == dst and chunks is not None:
+            for chunk, part in zip(chunks, result):
+                chunk.copy_(part.view_as(chunk))
+
+    def scatter(self, output: torch.Tensor, parts: list[torch.Tensor] | None, src: int, pg: Any) -> None:
+        group = self._group(pg)
+        result = self._meet(pg, _Call(("scatter", src, *_signature(output)), parts))
+        output.copy_(result[group.rendezvous.index[self.rank]].view_as(output))
+
+    def barrier(self, pg: Any) -> None:
+        self._meet(pg, _Call(("barrier",)))
+
+    # -- point to point: buffered sends, receives in posting order ---------------------------------
+
+    def send(self, tensor: torch.Tensor, dst: int, pg: Any) -> None:
+        self.world.post(self._group(pg).id, self.rank, dst, tensor.detach().clone())
+
+    def isend(self, tensor: torch.Tensor, dst: int, pg: Any) -> _Done:
+        self.send(tensor, dst, pg)
+        return _Done()
+
+    def recv(self, tensor: torch.Tensor, src: int | None, pg: Any) -> int:
+        while self._recvs:  # receives posted earlier match first
+            self._recvs[0].execute()
+        return self._take(tensor, src, pg)
+
+    def irecv(self, tensor: torch.Tensor, src: int, pg: Any) -> _Deferred:
+        def run() -> None:
+            self._take(tensor, src, pg)
+
+        work = _Deferred(self._recvs, run)
+        self._recvs.append(work)
+        return work
+
+    def _take(self, tensor: torch.Tensor, src: int | None, pg: Any) -> int:
+        self._flush()
+        sender, message = self.world.take(self._group(pg).id, self.rank, src)
+        if message.dtype != tensor.dtype or message.numel() != tensor.numel():
+            raise RuntimeError(
+                f"simulated world: rank {self.rank} received {message.numel()} x {message.dtype} from rank "
+                f"{sender} into a buffer of {tensor.numel()} x {tensor.dtype}"
+            )
+        tensor.copy_(message.view_as(tensor))
+        return sender
+
+
+# ------------------------------------------------------------------------------------------ store
+
+
+class SimStore:
+    """The job's key-value store in memory (the torch.distributed store API the code here uses)."""
+
+    def __init__(self, world: SimulatedWorld) -> None:
+        self.world = world
+        self._data: dict[str, bytes] = {}
+        self._waiters: list[_Sleeper] = []
+
+    @staticmethod
+    def _bytes(value: bytes | str) -> bytes:
+        return value.encode() if isinstance(value, str) else bytes(value)
+
+    def _put(self, key: str, value: bytes) -> None:
+        self._data[key] = value
+        self.world.wake_all(self._waiters)
+
+    def set(self, key: str, value: bytes | str) -> None:
+        with self.world.lock:
+            self._put(key, self._bytes(value))
+
+    def add(self, key: str, amount: int) -> int:
+        with self.world.lock:
+            value = int(self._data.get(key, b"0")) + int(amount)
+            self._put(key, str(value).encode())
+            return value
+
+    def get(self, key: str) -> bytes:
+        with self.world.lock:
+            self.world.wait(self._waiters, lambda: key in self._data, f"store get {key!r}")
+            return self._data[key]
+
+    def check(self, keys: Sequence[str]) -> bool:
+        with self.world.lock:
+            return all(k in self._data for k in keys)
+
+    def compare_set(self, key: str, expected: bytes | str, desired: bytes | str) -> bytes:
+        """torch's semantics: set when the value is `expected` (b"": when missing); return the value now."""
+        old, new = self._bytes(expected), self._bytes(desired)
+        with self.world.lock:
+            current = self._data.get(key)
+            if (current is None and old == b"") or current == old:
+                self._put(key, new)
+                return new
+            return old if current is None else current
+
+    def delete_key(self, key: str) -> bool:
+        with self.world.lock:
+            return self._data.pop(key, None) is not None
+
+    def num_keys(self) -> int:
+        with self.world.lock:
+            return len(self._data)
+
+    def clone(self) -> SimStore:
+        return self
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------------------ the world
+
+
+_local = threading.local()
+
+
+class _Sleeper:
+    """A worker thread's wake-up call: a lock it sleeps on, released by whoever hands it the baton."""
+
+    __slots__ = ("lock", "rank", "waiting")
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.waiting = ""  # what it waits for (for the timeout message); "" while ready or running
+
+
+@dataclass
+class _Outcome:
+    ok: bool = False
+    value: Any = None
+    error: str = ""
+
+
+@dataclass
+class SimulatedWorld:
+    """`world_size` workers in this process; nodes of `local_world_size` consecutive ranks (default: one
+    node, as LOCAL_WORLD_SIZE says for one machine). `timeout_s`: how long every worker may be blocked at
+    once before the run fails as a deadlock.
+
+    Scheduling. Worker threads take turns: one runs at a time (it holds the baton) until it must wait
+    (a collective whose other members have not arrived, a receive, a store get, a modelled network
+    delay), then hands the baton to the next ready worker. One thread wakes per hand-over, so a step
+    costs a few thread switches rather than the convoy of every thread waking at every barrier and
+    fighting over the interpreter lock. Threads the workers start themselves (a parameter server)
+    are not scheduled: they run alongside, and wake workers as usual.
+    """
+
+    world_size: int
+    local_world_size: int | None = None
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"simulated world: world_size must be >= 1, got {self.world_size}")
+        self.lock = threading.Lock()  # guards every shared structure of the world
+        self.failed = False
+        self._ready: deque[_Sleeper] = deque()
+        self._running: _Sleeper | None = None
+        self._blocked: dict[_Sleeper, list[_Sleeper]] = {}  # worker -> the waiter list it sits in
+        self._outside = threading.Condition(self.lock)  # threads that are not workers wait here
+        self._groups: dict[tuple[int, tuple[int, ...]], SimGroup] = {}
+        self.everyone = self._new_group((0, tuple(range(self.world_size))), "the world")
+        self._mail: dict[tuple[int, int], deque[tuple[int, torch.Tensor]]] = {}
+        self._mail_waiters: list[list[_Sleeper]] = [[] for _ in range(self.world_size)]
+        self.store = SimStore(self)
+        self.progress: dict[str, Any] = {}
+        self.handovers = 0
+        self._sleeping = 0  # workers in a modelled delay: not blocked, not in the schedule
+
+    # -- the baton (every method here is called with `lock` held) ------------------------------
+
+    def _hand_over(self) -> None:
+        nxt = self._ready.popleft() if self._ready else None
+        self._running = nxt
+        self.handovers += 1
+        if nxt is not None:
+            nxt.lock.release()
+
+    def _sleep(self, me: _Sleeper) -> None:
+        """Give the baton away and sleep until it is handed back."""
+        self._hand_over()
+        self.lock.release()
+        try:
+            me.lock.acquire()
+        finally:
+            self.lock.acquire()
+
+    def wake_all(self, waiters: list[_Sleeper]) -> None:
+        """Make every worker in `waiters` ready (they run when the baton reaches them)."""
+        for w in waiters:
+            del self._blocked[w]
+            w.waiting = ""
+            self._ready.append(w)
+        waiters.clear()
+        self._outside.notify_all()
+        if self._running is None and self._ready:  # woken by a thread outside the schedule
+            self._hand_over()
+
+    def wait(self, waiters: list[_Sleeper], ready: Callable[[], bool], what: str) -> None:
+        """Wait until `ready()`, sitting in `waiters` (woken by `wake_all(waiters)`); WorldAborted when
+        another worker failed."""
+        me: _Sleeper | None = getattr(_local, "sleeper", None)
+        while not ready():
+            if self.failed:
+                raise WorldAborted("simulated world: another worker failed")
+            if me is None or getattr(_local, "world", None) is not self:  # a thread of the workers' own
+                self._outside.wait(0.05)
+                continue
+            me.waiting = what
+            waiters.append(me)
+            self._blocked[me] = waiters
+            self._sleep(me)
+
+    def enter(self, me: _Sleeper) -> None:
+        """Join the schedule (a worker starting, or back from a modelled delay)."""
+        with self.lock:
+            if self._running is None:
+                self._running = me
+                return
+            self._ready.append(me)
+            self.lock.release()
+            try:
+                me.lock.acquire()
+            finally:
+                self.lock.acquire()
+
+    def leave(self) -> None:
+        """Leave the schedule (a worker ending, or sleeping a modelled delay)."""
+        with self.lock:
+            self._hand_over()
+
+    def sleep(self, seconds: float) -> None:
+        """A modelled network delay: other workers run meanwhile (delays overlap, as on a network)."""
+        me: _Sleeper | None = getattr(_local, "sleeper", None)
+        if me is None or getattr(_local, "world", None) is not self:
+            time.sleep(seconds)
+            return
+        with self.lock:
+            self._sleeping += 1
+            self._hand_over()
+        time.sleep(seconds)
+        with self.lock:
+            self._sleeping -= 1
+        self.enter(me)
+
+    def abort(self) -> None:
+        """End every wait of every worker (a worker failed, or all of them are stuck)."""
+        with self.lock:
+            self.failed = True
+            for waiters in {id(w): w for w in self._blocked.values()}.values():
+                self.wake_all(list(waiters))
+                waiters.clear()
+            self._outside.notify_all()
+
+    def stuck(self) -> list[str]:
+        """What each blocked worker waits for, when no worker can run (a deadlock); else []."""
+        with self.lock:
+            if self._running is not None or self._ready or self._sleeping or not self._blocked:
+                return []
+            return [f"rank {w.rank}: {w.waiting}" for w in sorted(self._blocked, key=lambda w: w.rank)]
+
+    # -- groups and mail --------------------------------------------------------------------------
+
+    def _new_group(self, key: tuple[int, tuple[int, ...]], name: str) -> SimGroup:
+        group = SimGroup(key[1], _Rendezvous(self, key[1], name), len(self._groups))
+        self._groups[key] = group
+        return group
+
+    def group(self, serial: int, ranks: tuple[int, ...]) -> SimGroup:
+        """The group of the `serial`-th new_group call (the same object for every rank that makes it)."""
+        with self.lock:
+            key = (serial, ranks)
+            found = self._groups.get(key)
+            if found is None:
+                found = self._new_group(key, f"group #{serial} (ranks {_ranks(ranks)})")
+            return found
+
+    def post(self, group_id: int, src: int, dst: int, message: torch.Tensor) -> None:
+        with self.lock:
+            self._mail.setdefault((group_id, dst), deque()).append((src, message))
+            self.wake_all(self._mail_waiters[dst])
+
+    def take(self, group_id: int, dst: int, src: int | None) -> tuple[int, torch.Tensor]:
+        """The oldest message to `dst` in the group (from `src`, or anyone for None); waits for one."""
+        with self.lock:
+            box = self._mail.setdefault((group_id, dst), deque())
+
+            def find() -> int | None:
+                return next((i for i, (s, _) in enumerate(box) if src is None or s == src), None)
+
+            self.wait(self._mail_waiters[dst], lambda: find() is not None, f"recv from {src}")
+            at = find()
+            assert at is not None
+            sender, message = box[at]
+            del box[at]
+            return sender, message
+
+    # -- running workers --------------------------------------------------------------------------
+
+    def context(
+        self,
+        rank: int,
+        cluster: ClusterConfig | None = None,
+        network: NetworkConfig | None = None,
+        seed: int = 0,
+        run_dir: Path | None = None,
+    ) -> WorkerContext:
+        """Rank `rank`'s context, as `commsgd.context.create_context` builds it (collective: node groups)."""
+        cluster = cluster or ClusterConfig()
+        node_of = node_layout(self.world_size, cluster.group_size or self.local_world_size or self.world_size)
+        transport = SimTransport(self, rank)
+        comm = Communicator(rank, self.world_size, node_of, network, cluster.split_wait, transport=transport)
+        num_nodes = max(node_of) + 1
+        node_group = comm.world
+        for node in range(num_nodes):  # every rank creates every node's group in the same order
+            group = comm.new_group([r for r in range(self.world_size) if node_of[r] == node])
+            if node == node_of[rank]:
+                node_group = group
+        return WorkerContext(
+            rank=rank,
+            world_size=self.world_size,
+            local_rank=rank - node_group.ranks[0],
+            node=node_of[rank],
+            num_nodes=num_nodes,
+            node_ranks=node_group.ranks,
+            device=torch.device("cpu"),
+            backend="sim",
+            comm=comm,
+            node_group=node_group,
+            store=self.store,
+            seed=seed,
+            timeout=timedelta(seconds=self.timeout_s),
+            run_dir=run_dir,
+        )
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        progress: Callable[[SimulatedWorld], None] | None = None,
+        every_s: float = 0.5,
+    ) -> list[Any]:
+        """Run `fn(*args)` on every worker (a thread each, one torch thread in all); their results in rank
+        order. `fn` gets its context from `commsgd.init()`. The first worker error is raised as a
+        RuntimeError naming its rank, after every thread ended; so is a deadlock (every worker blocked
+        for `timeout_s`). `progress(world)` is called every `every_s` seconds while they run."""
+        outcomes = [_Outcome() for _ in range(self.world_size)]
+
+        def work(rank: int) -> None:
+            me = _Sleeper(rank)
+            _local.slot, _local.sleeper, _local.world = (self, rank), me, self
+            self.enter(me)
+            try:
+                outcomes[rank].value, outcomes[rank].ok = fn(*args), True
+            except WorldAborted:
+                pass
+            except BaseException as exc:  # report it; end the others' waits
+                outcomes[rank].error = f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+                self.abort()
+            finally:
+                self.leave()
+
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        threads = [
+            threading.Thread(target=work, args=(r,), name=f"commsgd-sim-rank{r}", daemon=True)
+            for r in range(self.world_size)
+        ]
+        deadlock = ""
+        try:
+            for t in threads:
+                t.start()
+            stuck_since: float | None = None
+            handovers = -1
+            for t in threads:
+                while t.is_alive():
+                    t.join(min(every_s, self.timeout_s / 4))
+                    if progress is not None:
+                        progress(self)
+                    blocked = self.stuck()
+                    now = time.monotonic()
+                    moved, handovers = handovers != self.handovers, self.handovers
+                    if not blocked or moved:
+                        stuck_since = None
+                    elif stuck_since is None:
+                        stuck_since = now
+                    elif now - stuck_since >= self.timeout_s and not deadlock:
+                        deadlock = "; ".join(blocked)
+                        self.abort()
+        finally:
+            torch.set_num_threads(threads_before)
+        errors = [o.error for o in outcomes if o.error]
+        if errors:
+            raise RuntimeError(errors[0])
+        if deadlock:
+            raise TimeoutError(
+                f"simulated world: every worker blocked for {self.timeout_s:g} s (a deadlock): {deadlock}"
+            )
+        if not all(o.ok for o in outcomes):
+            raise RuntimeError("simulated world: workers were aborted without an error")
+        return [o.value for o in outcomes]
+
+
+def _ranks(ranks: tuple[int, ...]) -> str:
+    if len(ranks) > 2 and ranks == tuple(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def current() -> tuple[SimulatedWorld, int] | None:
+    """(world, rank) when the calling thread is a worker of a simulated world, else None."""
+    slot: tuple[SimulatedWorld, int] | None = getattr(_local, "slot", None)
+    return slot
+
+
+def simulated_context(
+    cluster: ClusterConfig | None, network: NetworkConfig | None, seed: int, run_dir: Path | None
+) -> WorkerContext | None:
+    """`commsgd.init()` inside a simulated worker: its context (built once per thread); else None."""
+    slot = current()
+    if slot is None:
+        return None
+    ctx: WorkerContext | None = getattr(_local, "ctx", None)
+    if ctx is None or getattr(_local, "ctx_world", None) is not slot[0]:
+        ctx = slot[0].context(slot[1], cluster, network, seed, run_dir)
+        _local.ctx, _local.ctx_world = ctx, slot[0]
+    return ctx
+
+
+def report_progress(**values: Any) -> None:
+    """Rank 0 of a simulated world tells the caller how far it is (read by `run`'s `progress`); a no-op
+    elsewhere."""
+    slot = current()
+    if slot is not None and slot[1] == 0:
+        slot[0].progress.update(values)
+
+
+def run_simulated(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    local_world_size: int | None = None,
+    timeout: float = 180.0,
+) -> list[Any]:
+    """`commsgd.testing.run_distributed` in one process: `fn(*args)` on `world_size` simulated workers."""
+    return SimulatedWorld(world_size, local_world_size, timeout_s=timeout).run(fn, *args)
+
+
+class ProgressLine:
+    """A `run(progress=...)` that redraws rank 0's reported values on one line of a terminal (nothing
+    when the stream is not a terminal); `clear()` wipes the line at the end."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.out = stream if stream is not None else sys.stderr
+        self.start = time.monotonic()
+        self.drawn = False
+
+    def __call__(self, world: SimulatedWorld) -> None:
+        if not world.progress or not self.out.isatty():
+            return
+        parts = " ".join(f"{k} {v}" for k, v in world.progress.items())
+        self.out.write(
+            f"\r\033[K{world.world_size} simulated workers: {parts}  {time.monotonic() - self.start:.0f} s"
+        )
+        self.out.flush()
+        self.drawn = True
+
+    def clear(self) -> None:
+        if self.drawn:
+            self.out.write("\r\033[K")
+            self.out.flush()
