@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import commsgd
+from commsgd.simworld import run_simulated
 from commsgd.testing import run_distributed
 
 pytestmark = pytest.mark.multiprocess
@@ -76,7 +77,7 @@ def _train_single() -> torch.Tensor:
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_allreduce_matches_single_process_large_batch(overlap: bool) -> None:
-    results = run_distributed(_train_commsgd, WORLD, overlap)
+    results = run_simulated(_train_commsgd, WORLD, overlap)  # the DDP comparison below uses gloo
     reference = _train_single()
     for params, _, _ in results:
         torch.testing.assert_close(params, reference, atol=1e-5, rtol=1e-5)

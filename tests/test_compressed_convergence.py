@@ -18,7 +18,7 @@ import commsgd
 from commsgd.algorithms import validate_params
 from commsgd.cli import main
 from commsgd.config import load_config
-from commsgd.testing import run_distributed
+from commsgd.simworld import run_simulated
 from commsgd.train import Trainer
 
 pytestmark = pytest.mark.multiprocess
@@ -54,7 +54,7 @@ def _train_all(root: str) -> dict[str, dict[str, Any]]:
 
 
 def test_every_algorithm_learns_digits(tmp_path: Path) -> None:
-    summaries = run_distributed(_train_all, 2, str(tmp_path), timeout=600)[0]
+    summaries = run_simulated(_train_all, 2, str(tmp_path), timeout=600)[0]
     errors = {key: s["test_error"] for key, s in summaries.items()}
     assert set(errors) == set(RUNS)
     assert all(error < MAX_TEST_ERROR for error in errors.values()), errors

@@ -1,4 +1,5 @@
-"""DiLoCo and Streaming DiLoCo on 2 real gloo workers against a plain-tensor reference in one process.
+"""DiLoCo and Streaming DiLoCo on 2 simulated workers (`commsgd.simworld`; tests/test_simworld.py checks
+the same algorithm against gloo processes) against a plain-tensor reference.
 
 One 2-worker job runs every scenario (plain, streaming with P > 1 and tau > 0, top-k pseudo-gradients
 with error feedback, the local-SGD special case, a resume through a checkpoint with a fragment in
@@ -19,7 +20,7 @@ import commsgd
 from commsgd.algorithms.diloco import fragment_offsets, split_contiguous
 from commsgd.config import from_dict
 from commsgd.errors import ConfigError
-from commsgd.testing import run_distributed
+from commsgd.simworld import run_simulated
 
 WORLD = 2
 # the tiny model's parameters are 48 + 8 + 24 + 3 = 83 numbers; two fragments: [w1] and [b1, w2, b2]
@@ -186,10 +187,7 @@ def _job() -> dict[str, Any]:
 
 @functools.cache
 def results() -> list[dict[str, Any]]:
-    return run_distributed(_job, WORLD)
-
-
-pytestmark = pytest.mark.multiprocess
+    return run_simulated(_job, WORLD)
 
 
 @pytest.mark.parametrize("name", ["plain", "streaming", "topk", "streaming-topk", "averaging"])

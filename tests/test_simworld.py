@@ -24,6 +24,9 @@ ALGORITHMS: list[tuple[str, dict[str, Any]]] = [
     ("lsgd", {"tau": 2, "tau_global": 4, "window": 2, "leaders": "node"}),
     ("dpsgd", {"topology": "ring"}),
     ("easgd", {"tau": 2, "beta": 0.5}),
+    # streaming with a fragment in flight (an asynchronous all-reduce) and a compressed pseudo-gradient
+    ("diloco", {"inner_steps": 4, "fragments": 2, "overlap_steps": 1, "mix": 0.5}),
+    ("diloco", {"inner_steps": 2, "compressor": "topk", "ratio": 0.5}),
 ]
 STEPS = 6
 
@@ -37,7 +40,7 @@ def _train_each() -> dict[str, Any]:
     """A few steps of every algorithm in ALGORITHMS on a small float64 model; parameters and traffic."""
     ctx = commsgd.init()
     out: dict[str, Any] = {}
-    for name, params in ALGORITHMS:
+    for case, (name, params) in enumerate(ALGORITHMS):
         ctx.comm.meter = CommMeter()
         torch.manual_seed(ctx.rank)  # a different start on every worker
         model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
@@ -55,7 +58,11 @@ def _train_each() -> dict[str, Any]:
         with torch.no_grad(), opt.evaluated_parameters():
             evaluated = [p.detach().clone() for p in model.parameters()]
         params_now = [p.detach().clone() for p in model.parameters()]
-        out[name] = {"params": params_now, "evaluated": evaluated, "traffic": _traffic(ctx.comm.meter)}
+        out[f"{case} {name}"] = {
+            "params": params_now,
+            "evaluated": evaluated,
+            "traffic": _traffic(ctx.comm.meter),
+        }
     return out
 
 
@@ -167,9 +174,10 @@ def _assert_same(gloo: Any, sim: Any, where: str) -> None:
 @pytest.mark.multiprocess
 def test_algorithms_match_gloo_processes(both: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
     for rank, (gloo, sim) in enumerate(both):
-        for name, _ in ALGORITHMS:
-            assert gloo["training"][name]["traffic"]["train"][3] > 0, name  # it communicated at all
-            _assert_same(gloo["training"][name], sim["training"][name], f"rank {rank} {name}")
+        for case, (name, _) in enumerate(ALGORITHMS):
+            key = f"{case} {name}"
+            assert gloo["training"][key]["traffic"]["train"][3] > 0, key  # it communicated at all
+            _assert_same(gloo["training"][key], sim["training"][key], f"rank {rank} {key}")
 
 
 @pytest.mark.multiprocess
