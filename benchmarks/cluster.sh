@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Emulated multi-node cluster on one machine: N network namespaces (198.18.0.0/15) joined by veth links
-# to a bridge, each link shaped with tc tbf, one torchrun per node. See `commsgd bench cluster --help`.
+# to a bridge, each link shaped with tc tbf, one torchrun per node, pinned (taskset) to the node's own share
+# of the cores with threads per worker = the node's cores / its workers; the first output line says which.
+# See `commsgd bench cluster --help`.
 #
 #   benchmarks/cluster.sh                                   link test + allreduce vs lsgd at 1 and 0.1 Gbit/s
 #   benchmarks/cluster.sh --nodes 2 --procs 2 --gbps 1 --train --out runs/lsgd-2x2 --algorithm lsgd --steps 600

@@ -91,6 +91,11 @@ def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
     )
     train.add_argument("--seed", type=int)
     train.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        help="where workers compute (cluster.device; cuda: one GPU per local rank, nccl by default)",
+    )
+    train.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
     train.add_argument("--max-restarts", type=int, help="restart the worker group up to K times on failure")
@@ -127,6 +132,7 @@ FLAG_KEYS = {
     "data_dir": "data.data_dir",
     "out": "out",
     "seed": "seed",
+    "device": "cluster.device",
     "max_restarts": "cluster.max_restarts",
 }
 
@@ -271,6 +277,10 @@ def check_before_spawn(cfg: Any, dataset: Any) -> None:
     check_model_fits(cfg.model, dataset.spec)
     ShardedBatches(len(dataset.train_y), cfg.data.batch_size, 0, cfg.workers, cfg.seed)  # batch vs shard
     check_training_options(cfg, build_algorithm(cfg.algorithm, cfg.algo))  # optim.name, precision, ...
+    if cfg.tensorboard:
+        from commsgd.tensorboard_log import require_tensorboard
+
+        require_tensorboard()  # the optional package: one line here, not one traceback per worker
 
 
 def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:

@@ -51,6 +51,9 @@ class DataConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     batch_size: int = bounded(32, ge=1, doc="mini-batch per worker")
+    test_samples: int | None = bounded(
+        None, ge=1, doc="evaluate on this many test samples, drawn once by the seed (default: all)"
+    )
 
     def validate(self) -> None:
         check_path_text(self.data_dir, "data.data_dir")
@@ -143,6 +146,12 @@ class Config:
     model: str = "mlp"
     steps: int | None = bounded(None, ge=1)
     epochs: int | None = bounded(None, ge=1)
+    max_seconds: float | None = bounded(
+        None,
+        gt=0,
+        le=10**7,
+        doc="end training after this many seconds (rank 0's clock), at a step all workers agree on",
+    )
     seed: int = bounded(0, ge=0, le=2**32 - 1)
     out: str | None = None
     eval_every: int = bounded(100, ge=1, doc="evaluate the center variable every N steps and at the end")

@@ -40,6 +40,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHECK_EVERY = 10
 _STOP = "interrupt/stop"
 _SIGNAL = "interrupt/signal"
+#: what the store's signal key holds when `max_seconds` ended the run (no real signal is 0)
+TIME_LIMIT = 0
 
 
 def exit_code(signum: int) -> int:
@@ -98,25 +100,36 @@ class StopAgreement:
         timeout_s: float,
         peers_lost: Callable[[], bool] | None = None,
         signals: Signals = RECEIVED,
+        check_every: int = CHECK_EVERY,
     ) -> None:
         self.comm, self.store, self.rank, self.world_size = comm, store, rank, world_size
+        self.check_every = check_every  # the same on every worker: they must check at the same steps
         self.last_step, self.aligned, self.timeout_s, self.signals = last_step, aligned, timeout_s, signals
         self.peers_lost = peers_lost  # e.g. the heartbeats: a dead peer never arrives, stop waiting
         self.target: int | None = None  # the stop step once known
+        self.limit_reached = False  # rank 0 set it: `max_seconds` passed, stop as on a signal
+
+    def own(self) -> int | None:
+        """This worker's reason to stop: its signal, else TIME_LIMIT once `limit_reached`, else None."""
+        if self.signals.signum is not None:
+            return self.signals.signum
+        return TIME_LIMIT if self.limit_reached else None
 
     def check_step(self, step: int) -> bool:
-        return step % CHECK_EVERY == 0 or step >= self.last_step
+        return step % self.check_every == 0 or step >= self.last_step
 
     def next_check(self, step: int) -> int | None:
         """The first check step after `step` that the loop still reaches; None past the end."""
         if step >= self.last_step:
             return None
-        return min((step // CHECK_EVERY + 1) * CHECK_EVERY, self.last_step)
+        return min((step // self.check_every + 1) * self.check_every, self.last_step)
 
     def signum(self) -> int:
-        """The signal that stopped the job: this worker's own, else the one the store holds."""
-        if self.signals.signum is not None:
-            return self.signals.signum
+        """The signal that stopped the job (TIME_LIMIT: `max_seconds`): this worker's own, else the
+        one the store holds."""
+        own = self.own()
+        if own is not None:
+            return own
         if self.world_size == 1:
             return int(signal.SIGINT)
         with self.comm.meter.in_phase("control"):
@@ -124,7 +137,7 @@ class StopAgreement:
 
     def should_stop(self, step: int) -> bool:
         """Called after `step`: True when every worker stops here (aligned) or this one does (async)."""
-        own = self.signals.signum
+        own = self.own()
         if self.world_size == 1:
             return own is not None
         if self.target is None:

@@ -134,11 +134,14 @@ def node_layout_text(counts: Sequence[int]) -> str:
 
 
 def _wall_clock(summary: dict[str, Any]) -> str:
-    """Training's wall-clock time; with the start-up known, the total the user waited as well."""
+    """The run's wall-clock time, with the evaluations' part of it when timed and, with the start-up
+    known, the total the user waited."""
     wall = summary["wall_time_s"]
+    evals = max(summary.get("eval_time_s") or [0.0])
+    text = f"{wall:.1f} s" + (f" (evaluations {evals:.1f} s)" if evals > 0 else "")
     if "startup_s" not in summary:
-        return f"{wall:.1f} s"
-    return f"{wall:.1f} s training, {wall + summary['startup_s']:.1f} s with start-up"
+        return text
+    return f"{text}, {wall + summary['startup_s']:.1f} s with start-up"
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -159,7 +162,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("wall-clock time", _wall_clock(summary)),
         ("bytes sent per worker", human_bytes(mean(summary["bytes_sent"]))),
         ("bytes sent per step", human_bytes(mean(summary["bytes_per_step"]))),
-        ("communication share", f"{100 * mean(summary['comm_share']):.1f} % of wall time"),
+        ("communication share", f"{100 * mean(summary['comm_share']):.1f} % of training time"),
     ]
     if "test_bits_per_char" in summary:  # character-level text
         rows.insert(4, ("test bits per character", f"{summary['test_bits_per_char']:.4f}"))

@@ -48,6 +48,11 @@ def check_training_options(cfg: Config, algo: Algorithm) -> None:
 
     The algorithm's own rules come from `Algorithm.check_optim` (its `inner_optimizers`)."""
     algo.check_optim(cfg.optim)
+    if cfg.max_seconds is not None and not algo.step_aligned:
+        raise ConfigError(
+            f"max_seconds: this {algo.name} schedule is asynchronous (its workers are at different "
+            "steps), so there is no step for all of them to end at; use steps"
+        )
     if cfg.optim.accumulate > 1 and algo.draws_batches:
         raise ConfigError(
             f"optim.accumulate: {algo.name} draws its own mini-batches (as many as its deadline allows); "

@@ -1,6 +1,7 @@
 """Small PNG figures for reports and benchmarks, drawn with matplotlib's object API (no pyplot state).
 
 A figure is a row (or grid) of `Panel`s; a panel holds `Series` drawn as lines, steps or grouped bars.
+Figures are written at 150 dpi by default, sharp enough for a slide.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 Kind = Literal["line", "step", "bar"]
 
@@ -40,7 +41,10 @@ class Panel:
     ylim: tuple[float, float] | None = None
     xlim: tuple[float, float] | None = None
     logy: bool = False
-    logx: bool = False
+    logx: bool = False  # base 2 with a tick at each x of the data (worker counts)
+    logx_plain: bool = False  # base 10 with matplotlib's own ticks (bytes)
+    percent_y: bool = False  # y holds fractions, shown as percent (0.05 -> 5 %)
+    color_bars: bool = False  # bars of one series in the line colours, one per category (one per run)
     markers: bool = False
     rotate_xticks: int = 0
 
@@ -59,7 +63,12 @@ def _draw_bars(ax: Axes, panel: Panel) -> None:
     for i, s in enumerate(panel.series):
         heights = dict(zip(map(str, s.x), s.y))
         xs = [j + (i - (len(panel.series) - 1) / 2) * width for j in range(len(categories))]
-        ax.bar(xs, [heights.get(c, 0.0) for c in categories], width=width, label=s.label)
+        colors = [f"C{j % 10}" for j in range(len(categories))] if panel.color_bars else None
+        values = [float(heights.get(c, 0.0)) for c in categories]
+        bars = ax.bar(xs, values, width=width, label=s.label, color=colors)
+        if panel.percent_y:  # the share on each bar: a zero bar is otherwise easy to miss
+            ax.bar_label(bars, [f"{100 * v:.1f} %" for v in values], fontsize=7)
+            ax.margins(y=0.12)  # room above the tallest bar for its label
     ax.set_xticks(
         range(len(categories)),
         categories,
@@ -69,15 +78,20 @@ def _draw_bars(ax: Axes, panel: Panel) -> None:
     )
 
 
+def _percent_decimals(ax: Axes) -> int:
+    """Decimals the percent ticks need: none over a wide range, more as the axis narrows (a zoom)."""
+    low, high = ax.get_ylim()
+    span = 100 * (high - low)
+    return 0 if span >= 10 else 1 if span >= 1 else 2
+
+
 def _draw(ax: Axes, panel: Panel) -> None:
-    if panel.kind in ("step", "bar"):  # ranks and counts: whole numbers
+    if panel.kind in ("step", "bar") and not panel.percent_y:  # ranks and counts: whole numbers
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if panel.kind == "bar":
         _draw_bars(ax, panel)
     else:
-        for s in panel.series:
-            if not len(s.y):
-                continue
+        for s in panel.series:  # an empty series too: it keeps its colour and its legend entry
             marker = "o" if panel.markers or len(s.y) == 1 else None
             drawstyle = "steps-post" if panel.kind == "step" else "default"
             ax.plot(
@@ -94,6 +108,8 @@ def _draw(ax: Axes, panel: Panel) -> None:
     ax.set_ylabel(panel.ylabel)
     if panel.logy:
         ax.set_yscale("log")
+    if panel.logx_plain:
+        ax.set_xscale("log")
     if panel.logx:
         ax.set_xscale("log", base=2)
         ticks = sorted({float(x) for ser in panel.series for x in ser.x if isinstance(x, int | float)})
@@ -103,6 +119,8 @@ def _draw(ax: Axes, panel: Panel) -> None:
         ax.set_ylim(*panel.ylim)
     if panel.xlim is not None:
         ax.set_xlim(*panel.xlim)
+    if panel.percent_y:  # after the limits: the decimals follow the range shown
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=_percent_decimals(ax)))
     ax.grid(True, alpha=0.3)
     if panel.empty:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
@@ -115,7 +133,7 @@ def save_figure(
     panels: Sequence[Panel],
     title: str = "",
     columns: int = 3,
-    dpi: int = 90,
+    dpi: int = 150,
     size: tuple[float, float] = (4.6, 3.5),
 ) -> Path:
     """Draw `panels` in a grid of at most `columns` per row (each `size` inches) and write a PNG to `path`."""

@@ -1,17 +1,20 @@
 """`commsgd report RUN_DIR...`: a Markdown report with PNG plots from finished run directories.
 
 Reads each run's config.yaml, summary.json, eval.jsonl, metrics/rank*.jsonl and events/rank*.jsonl
-(see `commsgd.metrics`) and writes ``report.md`` next to its figures: test error and loss vs wall-clock,
-training loss vs steps, LSGD leader switching (when leader events were logged), and a table per run.
+(see `commsgd.metrics`) and writes ``report.md`` next to its 150 dpi figures: test error (in percent)
+and loss vs wall-clock with a zoom into the last stretch, test error vs bytes sent, bytes per step and
+communication share, training loss vs steps, LSGD leader switching (when leader events were logged),
+and a table per run. It warns when the runs were made under very different machine load.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,9 +62,12 @@ class Run:
         return int(data.get("batch_size", 32)) if isinstance(data, dict) else 32
 
     def curve(self, key: str) -> tuple[list[float], list[float]]:
-        """(wall seconds, value) of every evaluation that recorded `key`."""
+        """(seconds, value) of every evaluation that recorded `key`: seconds of training (`train_s`,
+        the wall clock less the evaluations before it) where the run logged them, else wall seconds."""
         points = [
-            (float(e["wall_s"]), float(e[key])) for e in self.evals if isinstance(e.get(key), int | float)
+            (float(e.get("train_s", e["wall_s"])), float(e[key]))
+            for e in self.evals
+            if isinstance(e.get(key), int | float)
         ]
         return [p[0] for p in points], [p[1] for p in points]
 
@@ -152,6 +158,14 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
 
 
 # --------------------------------------------------------------------------------------- numbers
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numeric(record: dict[str, Any], *keys: str) -> bool:
+    return all(_is_number(record.get(k)) for k in keys)
 
 
 def time_to_target(run: Run, target: float) -> float | None:
@@ -284,9 +298,20 @@ def setup_table(runs: Sequence[Run]) -> str:
                 r.batch_size,
                 network,
                 json.dumps(r.config.get("algo") or {}, sort_keys=True),
+                load_text(machine_load(r)),
             ]
         )
-    headers = ["run", "algorithm", "workers", "nodes", "task", "batch/worker", "network", "algo params"]
+    headers = [
+        "run",
+        "algorithm",
+        "workers",
+        "nodes",
+        "task",
+        "batch/worker",
+        "network",
+        "algo params",
+        "load avg, start → end",
+    ]
     return md_table(headers, rows)
 
 
@@ -305,6 +330,7 @@ def results_table(runs: Sequence[Run], stats: Sequence[RunStats], target: float)
                 human_bytes(st.bytes_per_step),
                 pct(st.comm_share, 1),
                 secs(st.wall_s),
+                f"{st.samples_per_s:,.0f}",
                 times(st.speedup_target),
                 times(st.speedup_throughput),
             ]
@@ -319,10 +345,60 @@ def results_table(runs: Sequence[Run], stats: Sequence[RunStats], target: float)
         "bytes/worker-step",
         "comm share of wall",
         "wall time",
+        "throughput: samples/s, all workers",
         "speedup to target",
-        "throughput vs 1 worker",
+        "throughput vs 1 worker's samples/s",
     ]
     return md_table(headers, rows)
+
+
+THROUGHPUT_NOTE = (
+    "Throughput: training samples whose gradients were used, summed over all workers of the run, per "
+    "second of its wall time (first step to the end, evaluations included)."
+)
+
+
+# --------------------------------------------------------------------------------------- machine load
+
+#: runs whose load averages differ by more than this factor and by more than LOAD_GAP (one more busy
+#: core's worth) were timed on differently busy machines
+LOAD_RATIO = 2.0
+LOAD_GAP = 1.0
+
+
+def machine_load(run: Run) -> tuple[float, float] | None:
+    """The 1-minute load average at the start and the end of training (summary.json), if recorded."""
+    record = run.summary.get("load_average")
+    if not isinstance(record, dict):
+        return None
+    start, end = record.get("start"), record.get("end")
+    if not (isinstance(start, list) and start and isinstance(end, list) and end):
+        return None
+    if not (_is_number(start[0]) and _is_number(end[0])):
+        return None
+    return float(start[0]), float(end[0])
+
+
+def load_text(load: tuple[float, float] | None) -> str:
+    return "not recorded" if load is None else f"{load[0]:.2f} → {load[1]:.2f}"
+
+
+def load_warning(runs: Sequence[Run]) -> str | None:
+    """A warning line when the runs were made under very different machine load, else None.
+
+    Each run counts with the higher of its start and end load: times and throughputs of runs that
+    shared the cores with different amounts of other work are not comparable."""
+    loads = {r.label: max(load) for r in runs if (load := machine_load(r)) is not None}
+    if len(loads) < 2:
+        return None
+    low, high = min(loads.values()), max(loads.values())
+    if high - low <= LOAD_GAP or high <= LOAD_RATIO * low:
+        return None
+    listed = ", ".join(f"`{label}` {load:.2f}" for label, load in loads.items())
+    return (
+        f"**Warning:** these runs were made under very different machine load (1-minute load average, "
+        f"the higher of start and end: {listed}); their times and throughputs are not comparable."
+    )
 
 
 # --------------------------------------------------------------------------------------- leaders
@@ -388,32 +464,135 @@ def leader_panels(run: Run) -> list[Panel]:
 # --------------------------------------------------------------------------------------- figures
 
 
-def _train_loss(run: Run) -> Series:
-    """Training loss vs step, averaged over the ranks that logged the step, lightly smoothed."""
+def _smoothed(values: Sequence[float], points: int = 50) -> list[float]:
+    """A trailing mean over 1/`points` of the curve: noise down, shape kept."""
+    window = max(1, len(values) // points)
+    return [mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+RankPoints = Callable[[list[dict[str, Any]]], list[tuple[int, float]]]
+
+
+def _mean_over_ranks(run: Run, points_of: RankPoints) -> Series:
+    """(step, value) points of every rank's metrics, averaged over the ranks that have the step, smoothed."""
     from commsgd.plots import Series
 
     by_step: dict[int, list[float]] = {}
     for records in run.metrics.values():
-        for rec in records:
-            if "step" in rec and isinstance(rec.get("loss"), int | float) and math.isfinite(rec["loss"]):
-                by_step.setdefault(int(rec["step"]), []).append(float(rec["loss"]))
+        for step, value in points_of(sorted((r for r in records if _numeric(r, "step")), key=_step)):
+            by_step.setdefault(step, []).append(value)
     steps = sorted(by_step)
-    values = [mean(by_step[s]) for s in steps]
-    window = max(1, len(values) // 50)
-    smooth = [mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
-    return Series(run.label, [float(s) for s in steps], smooth)
+    return Series(run.label, [float(s) for s in steps], _smoothed([mean(by_step[s]) for s in steps]))
 
 
-def zoom_limits(runs: Sequence[Run]) -> tuple[float, float] | None:
-    """Error range around the end of training: the lowest error up to as far again above the worst final."""
-    finals = [float(r.summary["test_error"]) for r in runs]
-    if not finals:
+def _step(record: dict[str, Any]) -> int:
+    return int(record["step"])
+
+
+def _losses(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    return [(_step(r), float(r["loss"])) for r in records if _numeric(r, "loss")]
+
+
+def _rates(key: Callable[[dict[str, Any]], float], per: Callable[[dict[str, Any]], float]) -> RankPoints:
+    """Change of a cumulative counter between consecutive records, per unit of another one (steps,
+    seconds); the first record counts from zero."""
+
+    def points(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+        result, last = [], (0.0, 0.0)
+        for r in records:
+            now = (key(r), per(r))
+            if now[1] > last[1]:
+                result.append((_step(r), (now[0] - last[0]) / (now[1] - last[1])))
+            last = now
+        return result
+
+    return points
+
+
+def _bytes(r: dict[str, Any]) -> float:
+    return float(r["bytes_sent"]) if _numeric(r, "bytes_sent") else 0.0
+
+
+def _comm_seconds(r: dict[str, Any]) -> float:
+    return sum(float(r[k]) for k in ("comm_s", "wait_s") if _numeric(r, k))
+
+
+def _wall(r: dict[str, Any]) -> float:
+    return float(r["wall_s"]) if _numeric(r, "wall_s") else 0.0
+
+
+def bytes_per_step_curve(run: Run) -> Series:
+    """Bytes each worker sent per step (between logged steps), mean over workers."""
+    return _mean_over_ranks(run, _rates(_bytes, lambda r: float(_step(r))))
+
+
+def comm_share_curve(run: Run) -> Series:
+    """Share of wall time spent communicating or waiting for peers, per logged interval, mean over workers."""
+    return _mean_over_ranks(run, _rates(_comm_seconds, _wall))
+
+
+def bytes_at_evaluations(run: Run) -> tuple[list[float], list[float]]:
+    """(bytes sent per worker so far, test error) at each evaluation: every rank's cumulative count at
+    its last logged step up to the evaluation's step, mean over ranks. By step, not wall time: each
+    rank's clock starts when it does, seconds apart under load."""
+    ranks = [
+        sorted((_step(r), _bytes(r)) for r in records if _numeric(r, "step", "bytes_sent"))
+        for records in run.metrics.values()
+    ]
+    ranks = [points for points in ranks if points]
+    points = [
+        (int(e["step"]), float(e["test_error"])) for e in run.evals if _numeric(e, "step", "test_error")
+    ]
+    if not ranks:
+        return [], []
+    sent = []
+    for step, _ in points:
+        before = [bisect.bisect_right(counts, (step, math.inf)) for counts in ranks]
+        sent.append(mean([counts[i - 1][1] if i else 0.0 for counts, i in zip(ranks, before)]))
+    return sent, [error for _, error in points]
+
+
+def on_log_axis(series: Series, axis: str) -> Series:
+    """`series` without the points a log `axis` ("x" or "y") cannot show (zero bytes), saying so in
+    its label, so that a run which sent nothing is named instead of silently missing."""
+    from commsgd.plots import Series
+
+    kept = [(x, y) for x, y in zip(series.x, series.y) if float(x if axis == "x" else y) > 0]
+    if len(kept) == len(series.y):
+        return series
+    note = "sent 0 B" if not kept else "points at 0 B left out"
+    return Series(f"{series.label} ({note})", [x for x, _ in kept], [y for _, y in kept])
+
+
+#: the zoom panel shows the last this much of each curve's x range
+ZOOM_FRACTION = 0.3
+
+
+def zoom_window(
+    series: Sequence[Series], fraction: float = ZOOM_FRACTION
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """(x limits, y limits) of a zoom into the last stretch of every curve.
+
+    A curve's last stretch is the last `fraction` of its x range (first to last evaluation). x spans
+    from the earliest such stretch to the latest end; y is the range the curves take in their own
+    last stretch, plus a margin, so the early descent of a curve that started later leaves the panel
+    instead of stretching its y axis.
+    """
+    tails: list[tuple[float, float, list[float]]] = []
+    for s in series:
+        if not len(s.y):
+            continue
+        xs = [float(x) for x in s.x]
+        start = xs[-1] - fraction * (xs[-1] - xs[0])
+        tails.append((start, xs[-1], [float(y) for x, y in zip(xs, s.y) if x >= start]))
+    if not tails:
         return None
-    lo = min(best_error(r) for r in runs)
-    highest = max([e for r in runs for e in r.curve("test_error")[1]] + finals)
-    hi = min(highest, max(finals) + (max(finals) - lo) + 0.01)
-    margin = 0.05 * max(hi - lo, 0.01)
-    return (max(0.0, lo - margin), hi + margin)
+    x_low, x_high = min(t[0] for t in tails), max(t[1] for t in tails)
+    inside = [y for t in tails for y in t[2]]
+    y_low, y_high = min(inside), max(inside)
+    margin = 0.1 * (y_high - y_low) if y_high > y_low else max(0.1 * abs(y_high), 1e-3)
+    x_margin = 0.03 * (x_high - x_low) if x_high > x_low else 0.5
+    return (x_low - x_margin, x_high + x_margin), (max(0.0, y_low - margin), y_high + margin)
 
 
 def write_figures(runs: Sequence[Run], out: Path) -> dict[str, Path]:
@@ -422,29 +601,84 @@ def write_figures(runs: Sequence[Run], out: Path) -> dict[str, Path]:
 
     errors = [Series(r.label, *r.curve("test_error")) for r in runs]
     losses = [Series(r.label, *r.curve("test_loss")) for r in runs]
+    zoom = zoom_window(errors)
     figures: dict[str, Path] = {}
     figures["eval"] = save_figure(
         out / "error_vs_time.png",
         [
-            Panel("test error", "wall-clock (s)", "test error", errors, markers=True),
+            Panel("test error", "training time (s)", "test error", errors, markers=True, percent_y=True),
             Panel(
-                "test error (zoom)",
-                "wall-clock (s)",
+                f"test error, zoom: last {100 * ZOOM_FRACTION:.0f} % of each run",
+                "training time (s)",
                 "test error",
                 errors,
-                ylim=zoom_limits(runs),
+                xlim=zoom[0] if zoom else None,
+                ylim=zoom[1] if zoom else None,
                 markers=True,
+                percent_y=True,
             ),
-            Panel("test loss", "wall-clock (s)", "test loss", losses, logy=True, markers=True),
+            Panel("test loss", "training time (s)", "test loss", losses, logy=True, markers=True),
         ],
-        title="evaluated model (center variable) vs wall-clock",
+        title="evaluated model (center variable) vs training time",
     )
-    train = [_train_loss(r) for r in runs]
+    sent = [Series(r.label, *bytes_at_evaluations(r)) for r in runs]
+    sent = [on_log_axis(Series(s.label, [float(x) / 1e6 for x in s.x], s.y), "x") for s in sent]
+    figures["bytes"] = save_figure(
+        out / "error_vs_bytes.png",
+        [
+            Panel(
+                "test error vs bytes sent",
+                "MB sent per worker (log scale)",
+                "test error",
+                sent,
+                markers=True,
+                logx_plain=True,
+                percent_y=True,
+            )
+        ],
+        columns=1,
+        size=(6.4, 4.2),
+    )
+    stats = [run_stats(r, auto_target(runs)) for r in runs]
+    labels = [r.label for r in runs]
+    long_labels = max(len(label) for label in labels) > 12
+    figures["comm"] = save_figure(
+        out / "communication.png",
+        [
+            Panel(
+                "bytes sent per step (mean over workers)",
+                "step",
+                "bytes per step (log scale)",
+                [on_log_axis(bytes_per_step_curve(r), "y") for r in runs],
+                logy=True,
+            ),
+            Panel(
+                "communication share of wall time, per step",
+                "step",
+                "communicating or waiting",
+                [comm_share_curve(r) for r in runs],
+                percent_y=True,
+            ),
+            Panel(
+                "communication share, whole run",
+                "",
+                "share of wall time",
+                [Series("", labels, [st.comm_share for st in stats])],
+                kind="bar",
+                percent_y=True,
+                color_bars=True,
+                rotate_xticks=20 if long_labels else 0,
+            ),
+        ],
+        title="communication: bytes and time (training phase; evaluation traffic excluded)",
+    )
+    train = [_mean_over_ranks(r, _losses) for r in runs]
     if any(s.y for s in train):
         figures["train"] = save_figure(
             out / "train_loss.png",
             [Panel("training loss (mean over workers)", "step", "mini-batch loss", train, logy=True)],
             columns=1,
+            size=(6.4, 4.2),
         )
     leader = [p for r in runs for p in leader_panels(r)]
     if leader:
@@ -478,15 +712,44 @@ def write_report(
     lines = [f"# {title}", ""]
     if intro:
         lines += [intro, ""]
-    lines += ["## Runs", "", setup_table(runs), "", "## Results", ""]
-    lines += [f"Target test error {pct(chosen)} ({how}). Times are wall-clock from the start of training."]
+    lines += ["## Runs", "", setup_table(runs), ""]
+    warning = load_warning(runs)
+    if warning:
+        lines += [warning, ""]
+    lines += ["## Results", ""]
+    lines += [
+        f"Target test error {pct(chosen)} ({how}). Times are seconds of training, evaluations "
+        "excluded (wall-clock for runs that did not log it)."
+    ]
     lines += [
         f"Speedups are over the one-worker run `{base.label}`."
         if base
         else "No one-worker run among the inputs, so no speedups (—)."
     ]
-    lines += ["", results_table(runs, stats, chosen), "", "## Test error and loss vs wall-clock", ""]
-    lines += [f"![test error and loss vs wall-clock]({figures['eval'].name})", ""]
+    lines += [THROUGHPUT_NOTE, "", results_table(runs, stats, chosen), ""]
+    lines += ["## Test error and loss vs training time", ""]
+    lines += [
+        f"The zoom shows the last {100 * ZOOM_FRACTION:.0f} % of each run's time from its first to its "
+        "last evaluation, the error axis limited to the range the curves take there (a run's earlier "
+        "points may lie outside).",
+        "",
+        f"![test error and loss vs training time]({figures['eval'].name})",
+        "",
+        "## Test error vs bytes sent",
+        "",
+        "Training bytes each worker had sent at each evaluation (mean over workers, log scale; a run that "
+        "sent nothing is named in the legend).",
+        "",
+        f"![test error vs bytes sent]({figures['bytes'].name})",
+        "",
+        "## Bytes per step and communication share",
+        "",
+        "Training traffic per step, and the share of wall time spent in communication or waiting for",
+        "peers, per logged interval and over the whole run (the table's comm share).",
+        "",
+        f"![bytes per step and communication share]({figures['comm'].name})",
+        "",
+    ]
     if "train" in figures:
         lines += ["## Training loss vs steps", "", f"![training loss]({figures['train'].name})", ""]
     lines += ["## Leader switching", ""]

@@ -682,15 +682,15 @@ def current() -> tuple[SimulatedWorld, int] | None:
 def simulated_context(
     cluster: ClusterConfig | None, network: NetworkConfig | None, seed: int, run_dir: Path | None
 ) -> WorkerContext | None:
-    """`commsgd.init()` inside a simulated worker: its context (built once per thread); else None."""
+    """`commsgd.init()` inside a simulated worker: a new context for these arguments; else None.
+
+    As `create_context` does in a process, every call builds its own context (a fresh Communicator and
+    meter, node groups from this call's `cluster`): a worker that calls `init` again with another
+    `group_size` gets that layout, and its byte counts start from zero."""
     slot = current()
     if slot is None:
         return None
-    ctx: WorkerContext | None = getattr(_local, "ctx", None)
-    if ctx is None or getattr(_local, "ctx_world", None) is not slot[0]:
-        ctx = slot[0].context(slot[1], cluster, network, seed, run_dir)
-        _local.ctx, _local.ctx_world = ctx, slot[0]
-    return ctx
+    return slot[0].context(slot[1], cluster, network, seed, run_dir)
 
 
 def report_progress(**values: Any) -> None:

@@ -51,6 +51,7 @@ TRAIN_FLAGS: dict[str, type] = {
     "dataset": str,
     "data_dir": str,
     "seed": int,
+    "device": str,
     "max_restarts": int,
 }
 #: what every point gets before the user's overrides (which win): a progress bar is noise in a log file

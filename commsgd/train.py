@@ -32,7 +32,7 @@ from commsgd.api import CommOptimizer, NonFiniteError
 from commsgd.config import DEFAULT_STEPS, Config, save_config, to_dict
 from commsgd.context import WorkerContext, create_context
 from commsgd.errors import CheckpointError, ConfigError, UserError, WorkerError
-from commsgd.interrupt import Interrupted, StopAgreement
+from commsgd.interrupt import TIME_LIMIT, Interrupted, StopAgreement
 from commsgd.jobclock import JobClock
 from commsgd.metrics import JsonlLog, mean, peak_memory_mb, summary_table, write_json_atomic
 from commsgd.optim import build_optimizer, check_training_options, uses_job_clock
@@ -41,6 +41,7 @@ from commsgd.precision import AgreedScaler, autocast
 from commsgd.progress import Progress
 from commsgd.startup import startup_s
 from commsgd.tasks import Dataset, build_model, derived_metrics, load_dataset, loss_and_errors
+from commsgd.tensorboard_log import TensorBoardLog
 
 
 class ShardedBatches:
@@ -90,8 +91,12 @@ def total_steps(cfg: Config, batches_per_epoch: int) -> int:
 
 
 def worker_threads(cfg: Config, local_workers: int) -> int:
-    """torch threads per worker: `cluster.threads`, else this machine's cores shared by its workers."""
-    return cfg.cluster.threads or max(1, (os.cpu_count() or 1) // local_workers)
+    """torch threads per worker: `cluster.threads`, else the cores this process may run on (its affinity
+    mask, e.g. an emulated node's share under `taskset`, or a container's cpuset) shared by its workers."""
+    if cfg.cluster.threads:
+        return cfg.cluster.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_workers)
 
 
 class Trainer:
@@ -103,6 +108,8 @@ class Trainer:
         self.dataset: Dataset = load_dataset(
             cfg.data.dataset, cfg.data.data_dir, model=cfg.model, seed=cfg.seed
         )
+        if cfg.data.test_samples is not None:
+            self.dataset = self.dataset.with_test_subset(cfg.data.test_samples, cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial model on every worker
         self.model = build_model(cfg.model, self.dataset.spec).to(ctx.device)
         self.algo = build_algorithm(cfg.algorithm, cfg.algo)
@@ -139,8 +146,10 @@ class Trainer:
         self._announced: set[int] = set()  # labels this worker has counted as written in the store
         self.compute_s = 0.0
         self.data_s = 0.0  # drawing and augmenting batches (part of compute_s), in this process's steps
+        self.eval_s = 0.0  # in evaluations since this process started (not part of training time)
         self._step_s_from: float | None = None  # step time when this process drew its first batch
         self.wall_offset = 0.0
+        self.eval_offset = 0.0  # evaluation seconds before a resume (from the checkpoint)
         self.lr = cfg.optim.lr
         # `optim.drop_seconds` by rank 0's clock, so that replicas drop at one step (commsgd.jobclock)
         self.job_clock = JobClock(
@@ -247,6 +256,7 @@ class Trainer:
             self.step = int(state["step"])
             self.batches_drawn = int(state.get("batches", self.step))
             self.compute_s, self.wall_offset = float(state["compute_s"]), float(state["wall_s"])
+            self.eval_offset = float(state.get("eval_s", 0.0))  # absent: saved before evaluations were timed
         except CheckpointError as exc:
             return str(exc)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
@@ -280,6 +290,7 @@ class Trainer:
             "rng": {**rng_state(), "data": self.data_gen.get_state()},
             "compute_s": self.compute_s,
             "wall_s": self.wall_s(),
+            "eval_s": self.eval_offset + self.eval_s,
             "meta": {
                 "algorithm": self.cfg.algorithm,
                 "world_size": ctx.world_size,
@@ -323,10 +334,19 @@ class Trainer:
     def wall_s(self) -> float:
         return self.wall_offset + time.perf_counter() - self._start
 
+    def train_s(self) -> float:
+        """Seconds of training so far: the wall clock less the evaluations (what `max_seconds` counts
+        and what curves of test error against time are drawn over)."""
+        return self.wall_s() - self.eval_offset - self.eval_s
+
     def run(self) -> dict[str, Any] | None:
         cfg, ctx = self.cfg, self.ctx
+        if ctx.world_size > 1:  # start the clocks together: the start-up skew is not communication
+            with ctx.comm.meter.in_phase("control"):
+                ctx.comm.barrier()
         self._start = time.perf_counter()
         self._first_step_at = time.time()  # the start-up the user waited for ends here (startup_s)
+        self._load_at_start = load_average()  # summary.json: was the machine busy (commsgd report)
         bar = self._progress()
         comm = ctx.comm.meter
         stopper = StopAgreement(
@@ -338,7 +358,11 @@ class Trainer:
             self.algo.step_aligned,
             cfg.cluster.timeout_s,
             peers_lost=self._peer_lost,
+            # with a time limit every step is a check step (a store read, ~0.1 ms): a run of slow steps
+            # must not overrun its limit by ten of them
+            check_every=1 if cfg.max_seconds is not None else interrupt.CHECK_EVERY,
         )
+        limit = cfg.max_seconds
         while not self.algo.should_stop(self.step, self.total):
             epoch = self.batches_drawn // self.batches.per_epoch
             self._apply_lr(epoch)
@@ -367,7 +391,12 @@ class Trainer:
             saved = label is not None
             if label is not None:
                 self.save(label)
-            if stopper.should_stop(self.step):  # SIGINT / SIGTERM: see commsgd.interrupt
+            if limit is not None and ctx.rank == 0 and self.train_s() >= limit:
+                stopper.limit_reached = True  # the others learn it at their next check step
+            if stopper.should_stop(self.step):  # SIGINT / SIGTERM / max_seconds: commsgd.interrupt
+                if stopper.signum() == TIME_LIMIT:
+                    self.ctx.log_event({"event": "time_limit", "step": self.step, "seconds": limit})
+                    break  # ends like the last step: final evaluation and checkpoint below
                 if bar is not None:
                     bar.close()
                 self._stop_on_signal(stopper, saved)
@@ -468,13 +497,17 @@ class Trainer:
         }
         self.metrics.write(record)
         if self.tensorboard is not None:
-            self.tensorboard.add_scalar("train/loss", loss, self.step)
-            self.tensorboard.add_scalar("train/bytes_sent", c.bytes_sent, self.step)
+            self.tensorboard.log_step(self.step, loss, self.lr, c.bytes_sent, c.comm_s + c.wait_s)
 
     def evaluate(self) -> dict[str, float]:
-        """Test loss and error of the evaluated parameters; every worker takes part."""
+        """Test loss and error of the evaluated parameters; every worker takes part.
+
+        Only the passes over the test set count as evaluation time (`eval_s`); getting the evaluated
+        parameters (a parameter server first applies every push in flight, then sends its center) is
+        the algorithm's communication and stays in the training time."""
         ctx, model = self.ctx, self.model
         with ctx.comm.meter.in_phase("eval"), self.algo.evaluated_parameters():
+            started = time.perf_counter()
             was_training = model.training
             model.eval()
             sums = torch.zeros(3, dtype=torch.float64)
@@ -489,6 +522,7 @@ class Trainer:
                     )
             model.train(was_training)
             ctx.comm.all_reduce(sums, op="sum")
+            self.eval_s += time.perf_counter() - started
         total = max(sums[2].item(), 1.0)
         test_loss = sums[0].item() / total
         return {
@@ -503,11 +537,15 @@ class Trainer:
             return
         self._last_eval = (self.step, result)
         if self.ctx.is_main:
-            record = {"step": self.step, "wall_s": round(self.wall_s(), 6), **result}
+            record = {
+                "step": self.step,
+                "wall_s": round(self.wall_s(), 6),
+                "train_s": round(self.train_s(), 6),
+                **result,
+            }
             self.evals.write(record)
             if self.tensorboard is not None:
-                for key, value in result.items():
-                    self.tensorboard.add_scalar(f"eval/{key}", value, self.step)
+                self.tensorboard.log_eval(self.step, result)
 
     def _summarise(self, final: dict[str, float]) -> dict[str, Any] | None:
         ctx = self.ctx
@@ -523,6 +561,7 @@ class Trainer:
             "data_time_s": self.data_s,
             "data_share": self.data_s / max(self._step_s() - (self._step_s_from or 0.0), 1e-9),
             "wall_time_s": wall,
+            "eval_time_s": self.eval_offset + self.eval_s,
             "peak_memory_mb": peak_memory_mb(ctx.device),
             "eval_bytes_sent": ctx.comm.meter.totals("eval").bytes_sent,
             "algorithm": self.algo.summary(),
@@ -548,6 +587,7 @@ class Trainer:
             **final,
             "wall_time_s": max(w["wall_time_s"] for w in workers),
             "startup_s": startup_s(self._first_step_at),
+            "load_average": {"start": self._load_at_start, "end": load_average()},
         }
         for key in (
             "steps",
@@ -558,13 +598,16 @@ class Trainer:
             "compute_time_s",
             "data_time_s",
             "data_share",
+            "eval_time_s",
             "peak_memory_mb",
             "eval_bytes_sent",
         ):
             summary[key] = [w[key] for w in workers]
         summary["bytes_per_step"] = [w["bytes_sent"] / max(w["steps"], 1) for w in workers]
         summary["comm_share"] = [
-            (w["comm_time_s"] + w["wait_time_s"]) / w["wall_time_s"] if w["wall_time_s"] > 0 else 0.0
+            (w["comm_time_s"] + w["wait_time_s"]) / train
+            if (train := w["wall_time_s"] - w["eval_time_s"]) > 0
+            else 0.0
             for w in workers
         ]
         summary["algorithm_summary"] = [w["algorithm"] for w in workers]
@@ -589,16 +632,19 @@ class Trainer:
             every_s=cfg.progress_every_s,
         )
 
-    def _tensorboard(self) -> Any:
+    def _tensorboard(self) -> TensorBoardLog | None:
+        """Rank 0's TensorBoard scalars when `tensorboard` is on (commsgd.tensorboard_log)."""
         if not (self.cfg.tensorboard and self.ctx.is_main):
             return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError(
-                "tensorboard: true needs the tensorboard package (pip install tensorboard)"
-            ) from None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        return TensorBoardLog(self.run_dir)
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def algorithm_parameters(algo: Any) -> dict[str, Any]:

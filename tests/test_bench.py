@@ -127,6 +127,31 @@ def test_powersgd_entry_when_not_registered(tmp_path: Path, monkeypatch: pytest.
     assert "Not available yet" in (tmp_path / "powersgd.md").read_text()
 
 
+def test_powersgd_times_only_compressed_steps_and_keeps_warmup_bytes_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warmup, chunks = powersgd.schedule(2, 7, 3)
+    assert list(warmup) == [0, 1]
+    assert [list(part) for part, _ in chunks] == [[2, 3, 4], [5, 6, 7], [8]]
+    assert [first for _, first in chunks] == [True, False, True]
+
+    def fake(fn: Any, workers: int, model: str, steps: int, *rest: Any, timeout: float) -> list[dict]:
+        one = {"model": model, "steps": steps, "commsgd_s": 0.2, "torch_s": 0.4}
+        bytes_ = {"commsgd_bytes_per_step": 56_800.0, "commsgd_bytes_per_warmup_step": 1_080_000.0}
+        return [
+            {**one, **bytes_, "commsgd_chunks_s": [1.0, 2.0], "torch_chunks_s": [2.0, 2.0]},
+            {**one, **bytes_, "commsgd_chunks_s": [1.5, 1.0], "torch_chunks_s": [1.0, 4.0]},
+        ]
+
+    monkeypatch.setattr("commsgd.testing.run_distributed", fake)
+    powersgd.run(BenchEnv(tmp_path), argparse.Namespace(rank=2, workers=2, steps=None))
+    table = markdown_tables((tmp_path / "powersgd.md").read_text())[0]
+    header, resnet = table[0], table[-1]
+    assert resnet[header.index("commsgd bytes / compressed step")] == "56.8 KB"
+    assert resnet[header.index("commsgd bytes / warm-up step")] == "1080.0 KB"
+    assert resnet[header.index("ratio per chunk (min-max)")] == "0.500-0.750"  # slowest rank per chunk
+
+
 def test_bytes_variants_follow_the_compressor_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(traffic, "param_fields", lambda a: {"compressor": "topk", "ratio": None})
     monkeypatch.setattr(traffic, "accepts", lambda a, p: p["compressor"] in ("topk", "sign"))
@@ -151,18 +176,19 @@ def test_compressor_table_parser() -> None:
 @pytest.mark.timeout(1500)
 def test_quick_suite_produces_reports_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    assert main(["bench", "all", "--quick", "--skip", "cluster", "--out", str(out)]) == 0
+    # lowcomm has its own tests (tests/test_bench_lowcomm.py): 18 runs, as long as the rest together
+    assert main(["bench", "all", "--quick", "--skip", "cluster", "lowcomm", "--out", str(out)]) == 0
     index = (out / "index.md").read_text()
     names = ["overhead", "bytes", "compressors", "powersgd", "paper", "scaling", "stragglers"]
     for name in names:
         assert f"[{name}]({name}.md)" in index
         assert_well_formed(out / f"{name}.md")
         json.loads((out / f"{name}.json").read_text())
-    for png in ("bytes.png", "scaling.png", "paper/error_vs_time.png", "paper/train_loss.png"):
+    for png in ("bytes.png", "scaling.png", "paper/2w/error_vs_time.png", "paper/2w/train_loss.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC), png
     bytes_rows = markdown_tables((out / "bytes.md").read_text())[0]
     assert any(row[0] == "allreduce" and row[5] == "1.0000" for row in bytes_rows)
-    assert (out / "paper" / "report.md").is_file()
+    assert (out / "paper" / "2w" / "report.md").is_file()
     assert not list((out / "runs").glob("*/*/checkpoints"))  # checkpoints are removed after reading
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from commsgd import cli, launch
@@ -160,3 +161,14 @@ def test_a_dotted_key_in_yaml_is_pointed_to_sections(
     path.write_text("optim.lr: 0.1\n", encoding="utf-8")
     line = _refused(["train", "--config", str(path)], capsys)
     assert "optim.lr: unknown field; in a YAML file, a dotted key is written as nested sections;" in line
+
+
+def test_device_is_a_flag(
+    tmp_path: Path, no_launch: list[Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["train", "--device", "cpu", "--workers", "2", "--out", str(tmp_path / "x")]) == 0
+    (cfg,) = no_launch
+    assert cfg.cluster.device == "cpu"
+    if not torch.cuda.is_available():  # asked for, absent: refused before any worker
+        line = _refused(["train", "--device", "cuda", "--out", str(tmp_path / "y")], capsys)
+        assert "cuda was asked for but no CUDA device is available" in line

@@ -1,12 +1,10 @@
-"""EASGD on 4 real workers against the synchronous elastic-averaging update computed in one process."""
+"""EASGD on 4 simulated workers against the synchronous elastic-averaging update computed in one process."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from test_lsgd_helpers import EASGD, WORLD, Workers, assert_params_equal, shared_results
-
-pytestmark = pytest.mark.multiprocess
 
 
 def test_easgd_matches_elastic_averaging_reference() -> None:

@@ -68,12 +68,13 @@ def test_short_parameters_are_all_shown_and_the_wall_clock_includes_start_up() -
             algorithm_params_set=[],
             workers_per_node=[4],
             startup_s=6.5,
+            eval_time_s=[2.5, 2.25],
         )
     )
     assert "bucket_mb=25 overlap=True" in table
     assert "1 node x 4 workers" in table
     assert "6.5 s from the command to the first step" in table
-    assert "12.0 s training, 18.5 s with start-up" in table
+    assert "12.0 s (evaluations 2.5 s), 18.5 s with start-up" in table
 
 
 def test_old_summaries_still_make_a_table() -> None:

@@ -1,4 +1,4 @@
-"""LSGD on 4 real workers against a single-process reference of eq. 3: single and multi-leader, both
+"""LSGD on 4 simulated workers against a single-process reference of eq. 3: single and multi-leader, both
 pull modes; evaluation of the center and of the leader; bytes per round against EASGD (1 : 2)."""
 
 from __future__ import annotations
@@ -8,8 +8,6 @@ from collections import deque
 import pytest
 import torch
 from test_lsgd_helpers import LSGD_SCENARIOS, PAIRS, WORLD, Workers, assert_params_equal, shared_results
-
-pytestmark = pytest.mark.multiprocess
 
 
 def reference(name: str) -> tuple[list[torch.Tensor], dict[int, int]]:

@@ -1,6 +1,7 @@
 """Shared pieces of the LSGD / EASGD / local SGD tests: a tiny model, per-worker data, the local steps of
 several workers simulated in one process (the references), and one 4-worker job whose results the
-three algorithms' tests check (one set of worker processes instead of one per test file)."""
+three algorithms' tests check: in the simulated world (the update rules need no processes), plus one
+2-process gloo job for the comparison with PyTorch's own PeriodicModelAverager (its own all_reduce)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import commsgd
 from commsgd.algorithms import Algorithm
 from commsgd.config import ClusterConfig
 from commsgd.context import WorkerContext
+from commsgd.simworld import run_simulated
 from commsgd.testing import run_distributed
 
 LR, MOMENTUM = 0.1, 0.9
 WORLD = 4
+PMA_WORLD = 2  # gloo processes for the PeriodicModelAverager comparison
 PAIRS, ALL = [[0, 1], [2, 3]], [[0, 1, 2, 3]]
 Levels = list[tuple[list[list[int]], int, float]]  # (leader groups, period, pull) per level
 
@@ -158,12 +161,24 @@ def _worker() -> dict[str, Any]:
     }
     results["easgd"] = _run("easgd", {"tau": EASGD["tau"], "beta": EASGD["beta"]}, int(EASGD["steps"]))
     results["local_sgd"] = _run("local_sgd", {"tau": LOCAL_SGD["tau"]}, LOCAL_SGD["steps"])
-    results["periodic_model_averager"] = _periodic_model_averager()
     results["bytes"] = {"lsgd": _bytes_per_round("lsgd"), "easgd": _bytes_per_round("easgd")}
     return results
 
 
+def _local_sgd_and_periodic_model_averager() -> dict[str, Any]:
+    return {
+        "local_sgd": _run("local_sgd", {"tau": LOCAL_SGD["tau"]}, LOCAL_SGD["steps"]),
+        "periodic_model_averager": _periodic_model_averager(),
+    }
+
+
 @functools.cache
 def shared_results() -> list[dict[str, Any]]:
-    """Every rank's results of the shared job (run once per test session)."""
-    return run_distributed(_worker, WORLD)
+    """Every simulated rank's results of the shared job (run once per test session)."""
+    return run_simulated(_worker, WORLD)
+
+
+@functools.cache
+def periodic_model_averager_results() -> list[dict[str, Any]]:
+    """Every gloo rank's local SGD and PeriodicModelAverager results (run once per test session)."""
+    return run_distributed(_local_sgd_and_periodic_model_averager, PMA_WORLD)

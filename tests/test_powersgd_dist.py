@@ -1,5 +1,6 @@
 """The powersgd reducer: linearity (two workers = one worker with the mean gradient), the error-feedback
-invariant, bytes per step, and accuracy close to PyTorch's powerSGD_hook on DDP after the same steps."""
+invariant, bytes per step (in the simulated world), and accuracy close to PyTorch's powerSGD_hook on DDP
+after the same steps (gloo processes: DDP needs a real process group)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from torch import nn
 
 import commsgd
 from commsgd.comm import Communicator
+from commsgd.simworld import run_simulated
 from commsgd.testing import run_distributed
-
-pytestmark = pytest.mark.multiprocess
 
 SHAPES = [(16, 3, 3, 3), (16,), (10, 32), (10, 32), (6, 5), (3, 4), (7,)]
 STEPS = 4
@@ -81,8 +81,8 @@ def _mean_gradient(step: int) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def two_workers() -> list[dict[int, list[dict[str, Any]]]]:
-    """Each rank's records for every tested rank r: one spawn of two workers for the module."""
-    return run_distributed(_two_workers, 2)
+    """Each rank's records for every tested rank r: one simulated world of two workers for the module."""
+    return run_simulated(_two_workers, 2)
 
 
 @pytest.mark.parametrize("rank", RANKS)
@@ -185,6 +185,7 @@ def _plain_step(optimizer: torch.optim.Optimizer) -> Any:
     return lambda loss: optimizer.step()
 
 
+@pytest.mark.multiprocess
 def test_accuracy_close_to_pytorch_powersgd_hook() -> None:
     for result in run_distributed(_train_both, 2, 150, 2):
         print(result)

@@ -32,7 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STEPS, EVERY, WORKERS = 30, 10, 2
 FLAGS = ["--workers", str(WORKERS), "--steps", str(STEPS), "--seed", "3"]
-OVERRIDES = ["progress=false", f"checkpoint_every={EVERY}", "keep_checkpoints=3", "eval_every=1000"]
+#: cluster.timeout_s=60: after the kill, the survivor's failed collective looks for lost peers for three
+#: heartbeat intervals (timeout / 30 each) before it exits and the group restarts: 6 s, not 15 s
+OVERRIDES = [
+    "progress=false",
+    f"checkpoint_every={EVERY}",
+    "keep_checkpoints=3",
+    "eval_every=1000",
+    "cluster.timeout_s=60",
+]
 
 
 def _train(out: Path, *flags: str, overrides: tuple[str, ...] = ()) -> int:
@@ -116,8 +124,9 @@ class _KillAfterCheckpoint(threading.Thread):
             time.sleep(0.02)
 
 
-#: every step sleeps a little so that the kill lands mid-run; sleeping changes no number
-SLOW = ("cluster.slow_ranks=[0,1]", "cluster.slow_sleep_s=0.15")
+#: every step sleeps a little so that the kill lands mid-run (the 20 steps after checkpoint 10 leave the
+#: killer, which looks every 20 ms, about a second); sleeping changes no number
+SLOW = ("cluster.slow_ranks=[0,1]", "cluster.slow_sleep_s=0.05")
 
 
 def _torchrun(out: Path) -> int:

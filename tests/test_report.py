@@ -11,17 +11,25 @@ import yaml
 
 from commsgd.cli import main
 from commsgd.errors import UserError
+from commsgd.plots import Panel, Series
 from commsgd.report import (
     ReportError,
     all_stats,
     auto_target,
+    bytes_at_evaluations,
+    bytes_per_step_curve,
+    comm_share_curve,
     leader_records,
     load_run,
     load_runs,
+    load_warning,
+    machine_load,
+    on_log_axis,
     parse_target,
     samples_trained,
     time_to_target,
     write_report,
+    zoom_window,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,8 +43,10 @@ def make_run(
     errors: tuple[float, ...] = (0.5, 0.2, 0.08, 0.04),
     step_s: float = 0.01,
     events: list[dict[str, Any]] | None = None,
+    load: tuple[float, float] | None = None,
 ) -> Path:
-    """A run directory in the layout `commsgd train` writes, with made-up numbers."""
+    """A run directory in the layout `commsgd train` writes, with made-up numbers: 1000 bytes a step,
+    a quarter of the wall time communicating, `load` the 1-minute load average at start and end."""
     run = root / name
     (run / "metrics").mkdir(parents=True)
     steps = 40
@@ -50,7 +60,19 @@ def make_run(
     ]
     (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals) + "{not json\n")
     for r in range(workers):
-        lines = [json.dumps({"step": s, "loss": 2.0 / s, "wall_s": s * step_s}) for s in range(1, steps + 1)]
+        lines = [
+            json.dumps(
+                {
+                    "step": s,
+                    "loss": 2.0 / s,
+                    "wall_s": s * step_s,
+                    "bytes_sent": 1000.0 * s,
+                    "comm_s": 0.2 * s * step_s,
+                    "wait_s": 0.05 * s * step_s,
+                }
+            )
+            for s in range(1, steps + 1)
+        ]
         (run / "metrics" / f"rank{r}.jsonl").write_text("\n".join(lines) + "\n")
     if events is not None:
         (run / "events").mkdir()
@@ -72,6 +94,8 @@ def make_run(
         "comm_share": [0.25] * workers,
         "network_model": None,
     }
+    if load is not None:
+        summary["load_average"] = {"start": [load[0], 1.0, 1.0], "end": [load[1], 1.0, 1.0]}
     (run / "summary.json").write_text(json.dumps(summary))
     return run
 
@@ -108,6 +132,101 @@ def test_report_writes_markdown_table_and_figures(tmp_path: Path) -> None:
     import matplotlib.image
 
     assert matplotlib.image.imread(str(out / "error_vs_time.png")).ndim == 3
+
+
+FIGURES = ("error_vs_time.png", "error_vs_bytes.png", "communication.png", "train_loss.png")
+
+
+def test_figures_are_slide_quality_pngs(tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "rep"
+    write_report(load_runs([make_run(tmp_path, "a"), make_run(tmp_path, "b", "powersgd")]), out)
+    text = (out / "report.md").read_text()
+    for name in FIGURES:
+        with Image.open(out / name) as image:
+            dpi = image.info["dpi"]
+            assert min(dpi) >= 149.9, (name, dpi)
+            assert image.size[0] >= 900, (name, image.size)  # 6 inches or more at 150 dpi
+        assert f"]({name})" in text
+
+
+def test_error_axes_are_in_percent() -> None:
+    from matplotlib.figure import Figure
+
+    from commsgd.plots import _draw
+
+    ax = Figure().add_subplot()
+    _draw(ax, Panel("e", "s", "error", [Series("a", [1.0, 2.0], [0.5, 0.04])], percent_y=True))
+    labels = [ax.yaxis.get_major_formatter()(v) for v in (0.05, 0.5)]
+    assert labels == ["5%", "50%"]
+    zoomed = Figure().add_subplot()
+    _draw(zoomed, Panel("e", "s", "error", [Series("a", [1.0], [0.04])], ylim=(0.04, 0.045), percent_y=True))
+    assert zoomed.yaxis.get_major_formatter()(0.0425) == "4.25%"  # a narrow axis gets decimals
+
+
+def test_zoom_covers_the_last_stretch_of_every_curve() -> None:
+    early = Series("fast", [1.0, 2.0, 3.0, 4.0, 5.0], [0.9, 0.5, 0.2, 0.10, 0.08])
+    late = Series("slow", [10.0, 12.0, 14.0, 16.0, 20.0], [0.9, 0.7, 0.3, 0.06, 0.05])
+    zoom = zoom_window([early, late], fraction=0.3)
+    assert zoom is not None
+    (x_low, x_high), (y_low, y_high) = zoom
+    # x: from the start of fast's last 30 % (5 - 0.3 * 4 = 3.8) to slow's end, plus 3 % each side
+    assert x_low == pytest.approx(3.8 - 0.03 * 16.2)
+    assert x_high == pytest.approx(20 + 0.03 * 16.2)
+    # y: only the points in each curve's own stretch (fast: 0.10, 0.08; slow, from 17: 0.05)
+    assert y_low == pytest.approx(0.05 - 0.005)
+    assert y_high == pytest.approx(0.10 + 0.005)
+    assert zoom_window([Series("none", [], [])]) is None
+    flat = zoom_window([Series("one", [3.0], [0.2])])
+    assert flat is not None and flat[1][0] < 0.2 < flat[1][1]
+
+
+def test_bytes_and_communication_curves(tmp_path: Path) -> None:
+    run = load_run(make_run(tmp_path, "a", errors=(0.5, 0.2), step_s=0.01))
+    sent, errors = bytes_at_evaluations(run)
+    assert sent == [20_000.0, 40_000.0]  # evaluations at steps 20 and 40, 1000 bytes a step
+    assert errors == [0.5, 0.2]
+    per_step = bytes_per_step_curve(run)
+    assert per_step.x[:3] == [1.0, 2.0, 3.0] and set(per_step.y) == {1000.0}
+    assert comm_share_curve(run).y == pytest.approx([0.25] * 40)
+
+
+def test_zero_bytes_are_named_not_silently_dropped_from_log_axes() -> None:
+    silent = on_log_axis(Series("lsgd", [0.0, 0.0], [0.5, 0.2]), "x")
+    assert silent.label == "lsgd (sent 0 B)" and not silent.x
+    late = on_log_axis(Series("local", [1.0, 2.0, 3.0], [0.0, 50.0, 50.0]), "y")
+    assert late.label == "local (points at 0 B left out)" and late.x == [2.0, 3.0]
+    every = Series("allreduce", [1.0, 2.0], [1.0, 2.0])
+    assert on_log_axis(every, "y") is every
+
+
+def test_throughput_columns_say_what_they_count(tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    write_report(load_runs([make_run(tmp_path, "one", "sgd", 1), make_run(tmp_path, "two")]), out)
+    text = (out / "report.md").read_text()
+    assert "throughput: samples/s, all workers" in text and "throughput vs 1 worker's samples/s" in text
+    assert "summed over all workers" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| two |") and "%" in ln)
+    assert "| 6,400 |" in row  # 2 workers x 40 steps x 32 samples in 0.4 s
+
+
+def test_load_warning(tmp_path: Path) -> None:
+    def runs(*loads: tuple[float, float] | None) -> list[Any]:
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        return load_runs([make_run(root, f"r{i}", load=load) for i, load in enumerate(loads)])
+
+    warning = load_warning(runs((0.5, 0.8), (3.0, 4.5)))
+    assert warning is not None
+    assert "very different machine load" in warning and "`r0` 0.80" in warning and "`r1` 4.50" in warning
+    assert load_warning(runs((12.0, 13.0), (15.0, 15.5))) is None  # busy both times: 1.2x
+    assert load_warning(runs((0.1, 0.2), (0.6, 0.7))) is None  # idle both times: 0.5 apart
+    assert load_warning(runs((0.5, 0.5), None)) is None  # one run did not record it
+    out = tmp_path / "rep"
+    write_report(runs((0.2, 0.3), (5.0, 5.0)), out)
+    text = (out / "report.md").read_text()
+    assert "**Warning:** these runs were made under very different machine load" in text
+    assert "| 0.20 → 0.30 |" in text
 
 
 def test_numbers_time_to_target_and_speedups(tmp_path: Path) -> None:
@@ -204,3 +323,5 @@ def test_report_from_a_real_run(tmp_path: Path) -> None:
     text = (out / "report.md").read_text()
     assert "| allreduce |" in text and "(error_vs_time.png)" in text
     assert (out / "train_loss.png").read_bytes().startswith(PNG_MAGIC)
+    load = machine_load(load_run(run))  # recorded by rank 0 at the start and end of training
+    assert load is not None and min(load) >= 0

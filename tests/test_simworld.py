@@ -189,6 +189,20 @@ def test_every_collective_matches_gloo_processes(both: list[tuple[dict[str, Any]
     assert sim0["all_reduce_sum"].tolist() == [2.0, 12.0, 22.0, 32.0]  # sum of (r + 1) * i + r / 3
 
 
+def test_every_init_builds_its_own_context_as_in_a_process() -> None:
+    """A second `commsgd.init` with another node layout gets that layout and a meter of its own (before
+    the fix it got the first context back: LSGD's two-level runs used one node, bytes added up)."""
+    from commsgd.config import ClusterConfig
+
+    def fn() -> tuple[int, int, int, int]:
+        first = commsgd.init()
+        first.comm.all_reduce(torch.ones(4))
+        second = commsgd.init(cluster=ClusterConfig(group_size=2))
+        return first.num_nodes, second.num_nodes, len(second.node_ranks), second.comm.meter.totals().calls
+
+    assert run_simulated(fn, 4) == [(1, 2, 2, 0)] * 4
+
+
 def test_results_are_bitwise_equal_on_every_worker() -> None:
     def fn() -> torch.Tensor:
         ctx = commsgd.init()

@@ -551,3 +551,26 @@ def test_text_bad_inputs(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(DataError, match=r"train\.txt"):
         load_dataset("text", str(folder), model="lstm", seed=0)
+
+
+def test_a_test_subset_is_drawn_once_by_the_seed_and_kept_in_order() -> None:
+    import torch
+
+    from commsgd.tasks.dataset import Dataset, DatasetSpec
+
+    n = 1000
+    data = Dataset(
+        DatasetSpec("toy", "vector", (1,), 10),
+        torch.zeros(4, 1),
+        torch.zeros(4, dtype=torch.long),
+        torch.arange(n, dtype=torch.float32).unsqueeze(1),
+        torch.arange(n) % 10,
+    )
+    a, b, c = data.with_test_subset(100, 3), data.with_test_subset(100, 3), data.with_test_subset(100, 4)
+    kept = a.test_x.squeeze(1)
+    assert a.num_test == 100 and torch.equal(kept, b.test_x.squeeze(1))  # same seed: same subset
+    assert not torch.equal(kept, c.test_x.squeeze(1))
+    assert torch.equal(kept, kept.sort().values) and kept.unique().numel() == 100
+    assert torch.equal(a.test_y, kept.long() % 10)  # labels travel with their samples
+    assert len(set((kept.long() % 10).tolist())) == 10  # drawn across the classes, not the first 100
+    assert data.with_test_subset(n, 0) is data

@@ -6,6 +6,10 @@
     jobs      one torchrun per node (--nnodes N --node-rank k, c10d rendezvous on 198.18.0.1), gloo on
               veth0 (GLOO_SOCKET_IFNAME): traffic between nodes crosses the shaped link, traffic within a
               node goes over loopback (a node's own address is routed through lo)
+    cores     each node's torchrun runs under `taskset -c` on its own share of this process's cores (its
+              workers inherit it) and passes cluster.threads = the node's cores / its workers, so N nodes
+              do not each take the whole machine (`share_cores`; with more nodes than cores they share
+              all cores, and the output says so)
 
 Addresses come from 198.18.0.0/15 (reserved for benchmarking). Nothing is added to the host's own
 namespace and the node namespaces have no route beyond their /24, so traffic only flows between the
@@ -38,6 +42,7 @@ from typing import Any
 
 from commsgd.bench.common import BenchEnv, Job, available, run_subprocess, write_result
 from commsgd.errors import UserError
+from commsgd.metrics import write_json_atomic
 from commsgd.report import Run, load_run, md_table, pct
 
 TITLE = "emulated multi-node cluster (network namespaces, veth, tc tbf, one torchrun per node)"
@@ -55,6 +60,64 @@ class ClusterUnavailable(UserError):
     """This machine cannot host the emulated cluster (not root, no iproute2, no namespaces or tbf)."""
 
 
+# --------------------------------------------------------------------------------------- cores
+
+
+def available_cores() -> tuple[int, ...]:
+    """The cores this process may run on (its affinity mask), sorted."""
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class NodeShare:
+    """The cores one emulated node runs on and the torch threads each of its workers takes."""
+
+    cores: tuple[int, ...]
+    threads: int
+    shared: bool  # other nodes run on these cores too (more nodes than cores)
+
+    def describe(self, node: int) -> str:
+        threads = f"{self.threads} thread{'s' if self.threads > 1 else ''} per worker"
+        shared = " (shared with the other nodes)" if self.shared else ""
+        return f"node {node}: cores {{{','.join(map(str, self.cores))}}}{shared}, {threads}"
+
+
+def share_cores(nodes: int, procs: int, cores: Sequence[int]) -> list[NodeShare]:
+    """Each node's share of `cores` for `procs` workers per node (pure: nothing is pinned here).
+
+    With at least as many cores as nodes, node k gets its own block of len(cores) // nodes cores (equal
+    shares: a remainder stays idle) and each worker len(block) // procs threads, at least 1. With more
+    nodes than cores no disjoint split exists: every node runs on all cores, one thread per worker, and
+    the kernel's scheduler shares the cores among them (each node gets len(cores) / nodes on average).
+    """
+    if nodes < 1 or procs < 1 or not cores:
+        raise ValueError(f"share_cores: need nodes, procs and cores >= 1, got {nodes}, {procs}, {cores}")
+    ordered = tuple(sorted(set(cores)))
+    if nodes > len(ordered):
+        return [NodeShare(ordered, 1, True) for _ in range(nodes)]
+    per = len(ordered) // nodes
+    return [NodeShare(ordered[k * per : (k + 1) * per], max(1, per // procs), False) for k in range(nodes)]
+
+
+def sharing_note(shares: Sequence[NodeShare], cores: Sequence[int], procs: int) -> str:
+    """One line on how the nodes share the cores: every node's share, and what is idle or crowded."""
+    parts = [share.describe(k) for k, share in enumerate(shares)]
+    used = {c for share in shares for c in share.cores}
+    idle = sorted(set(cores) - used)
+    if shares and shares[0].shared:
+        parts.append(
+            f"{len(shares)} nodes share {len(set(cores))} cores: each gets "
+            f"{len(set(cores)) / len(shares):.2g} of a core on average"
+        )
+    elif shares and procs > len(shares[0].cores):
+        parts.append(f"{procs} workers per node share {len(shares[0].cores)} core(s)")
+    if idle:
+        parts.append(f"cores {{{','.join(map(str, idle))}}} idle so that every node gets an equal share")
+    return "; ".join(parts)
+
+
 # --------------------------------------------------------------------------------------- the plan
 
 
@@ -67,12 +130,23 @@ class ClusterPlan:
     gbps: float
     procs: int = 1
     port: int = 29400
+    cores: tuple[int, ...] = field(default_factory=available_cores)  # the machine the nodes share
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= 250:
             raise ValueError(f"nodes: {self.nodes} is outside 1..250")
         if self.gbps <= 0:
             raise ValueError(f"gbps: must be > 0, got {self.gbps}")
+
+    @property
+    def shares(self) -> list[NodeShare]:
+        """Each node's cores and threads per worker (`share_cores`)."""
+        return share_cores(self.nodes, self.procs, self.cores)
+
+    @property
+    def sharing(self) -> str:
+        """How the nodes share the cores, in one line for the output."""
+        return sharing_note(self.shares, self.cores, self.procs)
 
     @property
     def switch(self) -> str:
@@ -145,8 +219,15 @@ class ClusterPlan:
         return [["ip", "netns", "del", ns] for ns in self.namespaces]
 
     def torchrun(self, node: int, train_argv: Sequence[str]) -> list[str]:
-        """torchrun (as `python -m torch.distributed.run`) for one node; `train_argv` starts with "train"."""
+        """torchrun (as `python -m torch.distributed.run`) for one node, pinned to the node's cores with
+        `taskset -c` (its workers inherit the mask); `train_argv` starts with "train" and gets the node's
+        `cluster.threads` unless it sets cluster.threads itself."""
+        share = self.shares[node]
+        threads = [] if given_threads(train_argv) else [f"cluster.threads={share.threads}"]
         return [
+            "taskset",
+            "-c",
+            ",".join(map(str, share.cores)),
             sys.executable,
             "-m",
             "torch.distributed.run",
@@ -171,6 +252,7 @@ class ClusterPlan:
             "-m",
             "commsgd",
             *train_argv,
+            *threads,
         ]
 
     def node_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -180,6 +262,12 @@ class ClusterPlan:
             env.pop(key, None)
         env.update(GLOO_SOCKET_IFNAME=IFACE, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         return env
+
+
+def given_threads(train_argv: Sequence[str]) -> str | None:
+    """The value of a `cluster.threads=...` override among `train_argv`, if any (the last one wins)."""
+    given = [a.split("=", 1)[1] for a in train_argv if a.startswith("cluster.threads=")]
+    return given[-1] if given else None
 
 
 # --------------------------------------------------------------------------------------- checks
@@ -198,6 +286,10 @@ def check_support() -> None:
         raise ClusterUnavailable(
             f"{' and '.join(missing)} not found: install iproute2 (apt-get install -y iproute2); or "
             f"{FALLBACK}"
+        )
+    if shutil.which("taskset") is None:
+        raise ClusterUnavailable(
+            f"taskset not found (it pins each node to its cores): install util-linux; or {FALLBACK}"
         )
     probe = ClusterPlan(f"probe{os.getpid()}", 1, 1.0)
     try:
@@ -225,6 +317,7 @@ class Cluster:
     plan: ClusterPlan
     log_dir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    seen_affinity: dict[int, list[str]] = field(default_factory=dict)  # of the last run_train's workers
     _handlers: dict[int, Any] = field(default_factory=dict)
 
     def __enter__(self) -> Cluster:
@@ -291,6 +384,45 @@ class Cluster:
             )
         return counters
 
+    def worker_affinity(self) -> dict[int, list[str]]:
+        """Cpus_allowed_list (from /proc) of each node's running `commsgd train` workers: what the
+        kernel really lets them use, to check the pinning."""
+        seen: dict[int, list[str]] = {}
+        for k in range(self.plan.nodes):
+            for pid in _sh(["ip", "netns", "pids", self.plan.namespace(k)]).stdout.split():
+                with contextlib.suppress(OSError):
+                    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if b"commsgd" not in args or b"train" not in args or b"torch.distributed.run" in args:
+                        continue  # the node's torchrun agent, or not ours
+                    status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+                    allowed = next(
+                        ln.split(":", 1)[1].strip()
+                        for ln in status.splitlines()
+                        if ln.startswith("Cpus_allowed_list:")
+                    )
+                    seen.setdefault(k, []).append(allowed)
+        return seen
+
+    def _all_workers_seen(self) -> bool:
+        return all(len(self.seen_affinity.get(k, [])) >= self.plan.procs for k in range(self.plan.nodes))
+
+    def placement(self) -> dict[str, Any]:
+        """The planned cores and threads of every node and the affinity its workers were seen with."""
+        return {
+            "cores": list(self.plan.cores),
+            "sharing": self.plan.sharing,
+            "nodes": [
+                {
+                    "node": k,
+                    "cores": list(share.cores),
+                    "threads_per_worker": share.threads,
+                    "shared": share.shared,
+                    "workers_cpus_allowed": self.seen_affinity.get(k, []),
+                }
+                for k, share in enumerate(self.plan.shares)
+            ],
+        }
+
     def measure_link(self, seconds: float = 1.5) -> dict[str, float]:
         """Gbit/s of one TCP stream node 1 -> node 0 (shaped), and within node 0 over loopback."""
         script = str(Path(__file__).with_name("linktest.py"))
@@ -327,12 +459,16 @@ class Cluster:
             self.start(k, self.plan.torchrun(k, train_argv), run_dir.parent / f"{run_dir.name}.node{k}.log")
             for k in range(self.plan.nodes)
         ]
-        code, deadline = 0, time.monotonic() + timeout_s
+        code, deadline, look_at = 0, time.monotonic() + timeout_s, 0.0
+        self.seen_affinity = {}
         while any(p.poll() is None for p in procs):
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
             if failed or time.monotonic() > deadline:
                 code = failed[0] if failed else 124
                 break
+            if time.monotonic() >= look_at and not self._all_workers_seen():
+                self.seen_affinity = self.worker_affinity() or self.seen_affinity
+                look_at = time.monotonic() + 1.0
             time.sleep(0.2)
         for p in procs:
             _stop(p)
@@ -370,18 +506,30 @@ class ClusterRun:
     run: Run | None
     seconds: float
     wire_bytes: int
+    placement: dict[str, Any] = field(default_factory=dict)
+
+
+def write_placement(c: Cluster, run_dir: Path) -> dict[str, Any]:
+    """`Cluster.placement` into the run directory as cluster.json (next to summary.json)."""
+    placement = c.placement()
+    if run_dir.is_dir():
+        write_json_atomic(run_dir / "cluster.json", placement)
+    return placement
 
 
 def train_on(c: Cluster, env: BenchEnv, bench: str, job: Job) -> ClusterRun:
     run_dir = env.runs_dir(bench) / job.name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    argv = [a for a in job.argv(run_dir) if not a.startswith(("network.", "cluster.group_size"))]
+    # the node's share of the cores decides the threads (ClusterPlan.torchrun), not RUN_DEFAULTS' 1
+    placed = ("network.", "cluster.group_size", "cluster.threads")
+    argv = [a for a in job.argv(run_dir) if not a.startswith(placed)]
     env.log(f"{bench}: {job.name} on {c.plan.nodes} nodes x {c.plan.procs} at {c.plan.gbps} Gbit/s")
     before = c.link_bytes()
     code, seconds = c.run_train(run_dir, argv, timeout_s=900)
     after = c.link_bytes()
     wire = sum(a["tx"] - b["tx"] for a, b in zip(after, before))
+    placement = write_placement(c, run_dir)
     run = None
     if code == 0 and (run_dir / "summary.json").is_file():
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -391,13 +539,17 @@ def train_on(c: Cluster, env: BenchEnv, bench: str, job: Job) -> ClusterRun:
             f"{bench}: `{job.name}` on the emulated cluster failed (exit {code}); "
             f"see {run_dir.name}.node*.log"
         )
-    return ClusterRun(run, seconds, wire)
+    return ClusterRun(run, seconds, wire, placement)
 
 
 def run_on_cluster(env: BenchEnv, bench: str, job: Job, nodes: int, procs: int, gbps: float) -> Run | None:
-    """One job on a fresh emulated cluster; None (with a note) if the cluster cannot run here."""
+    """One job on a fresh emulated cluster; None (with a note) if the cluster cannot run here. How the
+    nodes share the cores goes into the result's notes (once per layout)."""
     try:
         with cluster(ClusterPlan(f"{os.getpid()}", nodes, gbps, procs), env.runs_dir(bench)) as c:
+            note = f"{bench}: emulated cluster of {nodes} nodes x {procs}: {c.plan.sharing}"
+            if note not in env.notes:
+                env.note(note)
             return train_on(c, env, bench, job).run
     except ClusterUnavailable as exc:
         env.note(f"{bench}: {job.name}: {exc}")
@@ -446,13 +598,21 @@ def _train_only(env: BenchEnv, args: argparse.Namespace, tag: str) -> str:
         )
     run_dir = Path(train[train.index("--out") + 1])
     plan = ClusterPlan(tag, args.nodes, (args.gbps or [1.0])[0], args.procs)
+    given = given_threads(train)
+    kept = f" (cluster.threads={given} given: kept)" if given else ""
+    print(f"cluster: {plan.sharing}{kept}", file=sys.stderr, flush=True)
     with cluster(plan, run_dir.parent) as c:
         link = c.measure_link()
         before = c.link_bytes()
         code, seconds = c.run_train(run_dir, ["train", *train], timeout_s=24 * 3600)
         wire = sum(a["tx"] - b["tx"] for a, b in zip(c.link_bytes(), before))
+        placement = write_placement(c, run_dir)
+    seen = "; ".join(
+        f"node {n['node']} workers on cores {','.join(n['workers_cpus_allowed']) or '(not seen)'}"
+        for n in placement["nodes"]
+    )
     print(
-        f"cluster: link {link.get('link_gbps', 0):.3f} Gbit/s measured; "
+        f"cluster: {seen}; link {link.get('link_gbps', 0):.3f} Gbit/s measured; "
         f"job exit {code} after {seconds:.1f} s; "
         f"{wire / 1e6:.1f} MB crossed the links; logs {run_dir.parent}/{run_dir.name}.node*.log",
         file=sys.stderr,
@@ -477,12 +637,13 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     world = args.nodes * args.procs
     base = [f"model={args.model}", f"eval_every={max(steps // 10, 1)}"]
     rows, data = [], []
+    layout = ClusterPlan(tag, args.nodes, rates[0], args.procs)
     for gbps in rates:
         plan = ClusterPlan(tag, args.nodes, gbps, args.procs)
         results: dict[str, ClusterRun] = {}
         with cluster(plan, env.runs_dir("cluster")) as c:
             link = c.measure_link()
-            env.log(f"cluster: {gbps} Gbit/s shaped; measured {link}")
+            env.log(f"cluster: {gbps} Gbit/s shaped; measured {link}; {plan.sharing}")
             for algo in algos:
                 job = Job(f"{algo}-{gbps:g}gbit", algo, world, steps, base)
                 results[algo] = train_on(c, env, "cluster", job)
@@ -522,6 +683,9 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
             "job with the in-process network model at the same rate (one local launcher, "
             "cluster.group_size = procs) for comparison.",
             "",
+            f"Cores: each node's torchrun is pinned with taskset to its share of the {len(layout.cores)} "
+            f"cores this benchmark may use, and its workers take that share's threads: {layout.sharing}.",
+            "",
             md_table(headers, rows),
         ]
     )
@@ -543,7 +707,13 @@ def _row(
 ) -> tuple[list[str], dict[str, Any]]:
     run = result.run
     measured = f"{link.get('link_gbps', 0):.3f} Gbit/s (loopback {link.get('loopback_gbps', 0):.1f})"
-    entry: dict[str, Any] = {"gbps": gbps, "algorithm": algo, **link, "wire_bytes": result.wire_bytes}
+    entry: dict[str, Any] = {
+        "gbps": gbps,
+        "algorithm": algo,
+        **link,
+        "wire_bytes": result.wire_bytes,
+        "placement": result.placement,
+    }
     if run is None:
         return [f"{gbps:g} Gbit/s", measured, algo, "failed", "", "", "", "", "", ""], entry
     s = run.summary

@@ -1,8 +1,10 @@
 """powersgd: commsgd's `powersgd` vs PyTorch DDP with its PowerSGD communication hook.
 
 Both train the same initial model on the same per-worker batches with the same torch SGD settings,
-the same rank, warm-up and minimum compression rate, with error feedback and warm start, alternating
-timed chunks of steps. Reported: time per step and test error after the same number of steps.
+the same rank, warm-up and minimum compression rate, with error feedback and warm start. The dense
+warm-up steps run first and untimed; then the compressed steps run in alternating timed chunks
+(`schedule`). Reported: time per compressed step, the spread of the per-chunk time ratio (how stable
+it is), bytes per compressed step and per warm-up step apart, and test error after the same steps.
 """
 
 from __future__ import annotations
@@ -16,11 +18,31 @@ from commsgd.report import md_table, pct
 
 TITLE = "commsgd PowerSGD vs PyTorch's PowerSGD DDP hook: time per step, accuracy after equal steps"
 
+#: dense all-reduce steps before compression starts, on both sides (untimed; their bytes kept apart)
+WARMUP_STEPS = 2
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=2, help="approximation rank (default 2)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--steps", type=int, help="mlp/digits steps (default 300; quick: 10)")
+    parser.add_argument(
+        "--steps", type=int, help="timed compressed mlp/digits steps after warm-up (default 300; quick: 10)"
+    )
+
+
+def schedule(warmup: int, steps: int, chunk: int) -> tuple[range, list[tuple[range, bool]]]:
+    """The untimed warm-up steps, then the timed compressed steps in chunks of `chunk`, each with
+    whether commsgd runs the chunk first (alternating, so neither side always goes first)."""
+    end = warmup + steps
+    timed = [range(first, min(first + chunk, end)) for first in range(warmup, end, chunk)]
+    return range(warmup), [(part, i % 2 == 0) for i, part in enumerate(timed)]
+
+
+def chunk_ratios(per_rank: list[dict[str, Any]]) -> list[float]:
+    """commsgd / torch time of each timed chunk, from the slowest rank's time of each."""
+    ours = [max(times) for times in zip(*(r["commsgd_chunks_s"] for r in per_rank))]
+    theirs = [max(times) for times in zip(*(r["torch_chunks_s"] for r in per_rank))]
+    return [a / b for a, b in zip(ours, theirs) if b > 0]
 
 
 def _evaluate(model: Any, dataset: Any) -> float:
@@ -101,28 +123,42 @@ def _worker(
         loss_and_errors(ddp(x), y)[0].backward()
         ddp_opt.step()
 
-    spent = {"commsgd": 0.0, "torch": 0.0}
-    for first in range(0, steps, chunk):
-        data = [batch(i) for i in range(first, min(first + chunk, steps))]
+    warmup, chunks = schedule(WARMUP_STEPS, steps, chunk)
+    for i in warmup:  # dense all-reduce steps on both sides: untimed, their bytes counted apart
+        commsgd_step(*batch(i))
+        ddp_step(*batch(i))
+    warmup_bytes = ctx.comm.meter.totals().bytes_sent
+    spent: dict[str, list[float]] = {"commsgd": [], "torch": []}
+    for part, commsgd_first in chunks:
+        data = [batch(i) for i in part]
         order = [("commsgd", commsgd_step), ("torch", ddp_step)]
-        for name, fn in order if (first // chunk) % 2 == 0 else reversed(order):
+        for name, fn in order if commsgd_first else reversed(order):
             dist.barrier()  # raw torch.distributed: outside the timed region, for both methods alike
             start = time.perf_counter()
             for x, y in data:
                 fn(x, y)
-            spent[name] += time.perf_counter() - start
+            spent[name].append(time.perf_counter() - start)
     result: dict[str, Any] = {
         "model": model_name,
         "steps": steps,
-        "commsgd_s": spent["commsgd"] / steps,
-        "torch_s": spent["torch"] / steps,
-        "commsgd_bytes_per_step": ctx.comm.meter.totals().bytes_sent / steps,
+        "warmup_steps": len(warmup),
+        "commsgd_s": sum(spent["commsgd"]) / steps,
+        "torch_s": sum(spent["torch"]) / steps,
+        "commsgd_chunks_s": spent["commsgd"],
+        "torch_chunks_s": spent["torch"],
+        "commsgd_bytes_per_step": (ctx.comm.meter.totals().bytes_sent - warmup_bytes) / steps,
+        "commsgd_bytes_per_warmup_step": warmup_bytes / max(len(warmup), 1),
     }
     if dataset is not None and ctx.rank == 0:
         with opt.evaluated_parameters():
             result["commsgd_error"] = _evaluate(model, dataset)
         result["torch_error"] = _evaluate(reference, dataset)
     return result
+
+
+def spread(ratios: list[float]) -> str:
+    """'min-max' of the per-chunk ratios ('—' without any)."""
+    return f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "—"
 
 
 def run(env: BenchEnv, args: argparse.Namespace) -> str:
@@ -139,12 +175,12 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     if "rank" in defaults:
         params["rank"] = args.rank
     if "warmup_steps" in defaults:
-        params["warmup_steps"] = 2
+        params["warmup_steps"] = WARMUP_STEPS
     if "min_compression_rate" in defaults:
         params["min_compression_rate"] = 2.0
     torch_opts = {
         "matrix_approximation_rank": args.rank,
-        "start_powerSGD_iter": 2,
+        "start_powerSGD_iter": WARMUP_STEPS,
         "min_compression_rate": 2,
         "use_error_feedback": True,
         "warm_start": True,
@@ -152,7 +188,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     }
     plan = [("mlp", args.steps or (10 if env.quick else 300), 5 if env.quick else 25)]
     if not env.quick:
-        plan.append(("resnet20", 12, 3))
+        plan.append(("resnet20", 40, 5))
     results = []
     for model_name, steps, chunk in plan:
         env.log(f"powersgd: {model_name}: {steps} steps each on {args.workers} workers")
@@ -162,6 +198,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         merged = dict(per_rank[0])
         merged["commsgd_s"] = max(r["commsgd_s"] for r in per_rank)
         merged["torch_s"] = max(r["torch_s"] for r in per_rank)
+        merged["chunk_ratios"] = chunk_ratios(per_rank)
         results.append(merged)
     rows = [
         [
@@ -170,9 +207,11 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
             f"{1e3 * r['commsgd_s']:.2f} ms",
             f"{1e3 * r['torch_s']:.2f} ms",
             f"{r['commsgd_s'] / r['torch_s']:.3f}",
+            spread(r["chunk_ratios"]),
             pct(r.get("commsgd_error")),
             pct(r.get("torch_error")),
             f"{r['commsgd_bytes_per_step'] / 1e3:.1f} KB",
+            f"{r['commsgd_bytes_per_warmup_step'] / 1e3:.1f} KB",
         ]
         for r in results
     ]
@@ -182,16 +221,19 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         "commsgd powersgd / step",
         "torch DDP + powerSGD_hook / step",
         "time ratio",
+        "ratio per chunk (min-max)",
         "commsgd test error",
         "torch test error",
-        "commsgd bytes / worker-step",
+        "commsgd bytes / compressed step",
+        "commsgd bytes / warm-up step",
     ]
     body = "\n".join(
         [
-            f"{args.workers} workers, gloo, batch 32 per worker, rank {args.rank}, 2 warm-up all-reduce "
-            "steps, minimum compression rate 2, error feedback and warm start on both; torch SGD lr 0.05, "
-            "momentum 0.9, weight decay 1e-4 on both. commsgd params: "
-            + ", ".join(f"{k}={v}" for k, v in params.items()),
+            f"{args.workers} workers, gloo, batch 32 per worker, rank {args.rank}, {WARMUP_STEPS} warm-up "
+            "all-reduce steps (untimed, run first; their bytes in the last column), minimum compression "
+            "rate 2, error feedback and warm start on both; 'steps' are the timed compressed steps "
+            "after warm-up, in alternating chunks; torch SGD lr 0.05, momentum 0.9, weight decay 1e-4 on "
+            "both. Bytes are per worker. commsgd params: " + ", ".join(f"{k}={v}" for k, v in params.items()),
             "",
             md_table(headers, rows),
         ]

@@ -24,7 +24,8 @@ def pack_signs(x: Tensor) -> Tensor:
     if sys.byteorder != "little":
         raise NotImplementedError("pack_signs reads 8 bools as one int64 and needs a little-endian host")
     flat = x.reshape(-1)
-    nonneg = torch.ones(8 * packed_size(flat.numel()), dtype=torch.bool, device=flat.device)
+    # flags as int8 0/1: a comparison writes int8 several times faster than bool on a CPU
+    nonneg = torch.ones(8 * packed_size(flat.numel()), dtype=torch.int8, device=flat.device)
     torch.ge(flat, 0, out=nonneg[: flat.numel()])
     # Each int64 word holds 8 flags b_0..b_7 (0 or 1) in its bytes: b_i * 2^(8i). The product with
     # _GATHER = sum_j 2^(8j + 7 - j) puts b_i at bit 56 + i (the terms with i + j = 7), while every other

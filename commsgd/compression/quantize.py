@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -20,17 +23,62 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
+#: elements rounded per pass of `round_to_levels` (a multiple of 4: whole noise words per chunk), so its
+#: scratch buffers stay in cache; noise is drawn chunk after chunk, the same stream as in one draw
+ROUND_CHUNK = 1 << 18
+
+
 def stochastic_round_(t: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Round each entry in place to floor(t) or floor(t) + 1 at random, so that E[result] = t.
 
     The dither u in floor(t + u) has 16-bit resolution, four values per 64-bit draw, which makes it about
     three times cheaper than torch.rand on a CPU; the price is a bias of at most 2^-17 of one step.
     """
-    words = torch.empty(noise_words(t.numel()), dtype=torch.int64, device=t.device)
-    words.random_(-(2**63), None, generator=generator)
-    noise = words.view(torch.int16)[: t.numel()].view(t.shape).to(torch.float32)
+    flat = t.view(-1)
+    words = torch.empty(noise_words(min(flat.numel(), ROUND_CHUNK)), dtype=torch.int64, device=t.device)
+    for start in range(0, flat.numel(), ROUND_CHUNK):
+        _dither_floor_(flat[start : start + ROUND_CHUNK], words, generator)
+    return t
+
+
+def _dither_floor_(t: Tensor, words: Tensor, generator: torch.Generator | None) -> Tensor:
+    """`stochastic_round_` of a flat `t`, drawing its noise into the front of `words` (scratch)."""
+    drawn = words[: noise_words(t.numel())]
+    drawn.random_(-(2**63), None, generator=generator)
+    noise = drawn.view(torch.int16)[: t.numel()]  # added as int16: exact in float32, no float copy
     # noise is uniform on {-2^15, ..., 2^15 - 1}; u = (noise + 2^15 + 1/2) / 2^16 lies in (0, 1).
     return t.add_(noise, alpha=2.0**-16).add_(0.5 + 2.0**-17).floor_()
+
+
+def round_to_levels(
+    numel: int,
+    to_grid: Callable[[int, int, Tensor], Tensor],
+    bound: tuple[int, int],
+    dtype: torch.dtype,
+    generator: torch.Generator | None,
+    *,
+    device: torch.device,
+    align: int = 1,
+) -> Tensor:
+    """Integer levels clamp(stochastic_round(v), *bound) as `dtype`, where v = to_grid(start, stop, out)
+    writes elements [start, stop) of the values to put on the grid into `out` and returns it.
+
+    Works `ROUND_CHUNK`-sized chunks (rounded to a multiple of 4 and of `align`, e.g. a bucket size
+    whose scale to_grid applies per chunk) through one cached scratch buffer: a few in-cache passes
+    per chunk instead of several passes over vector-sized temporaries. The noise is drawn in order,
+    so the levels equal those of one `stochastic_round_` over the whole vector.
+    """
+    unit = align * 4 // math.gcd(align, 4)
+    chunk = max(unit, ROUND_CHUNK // unit * unit)
+    levels = torch.empty(numel, dtype=dtype, device=device)
+    scratch = torch.empty(min(chunk, numel), dtype=torch.float32, device=device)
+    words = torch.empty(noise_words(scratch.numel()), dtype=torch.int64, device=device)
+    for start in range(0, numel, chunk):
+        stop = min(start + chunk, numel)
+        values = to_grid(start, stop, scratch[: stop - start])
+        _dither_floor_(values, words, generator).clamp_(*bound)
+        levels[start:stop].copy_(values)
+    return levels
 
 
 def noise_words(numel: int) -> int:
@@ -77,9 +125,16 @@ class QSGD(Compressor):
         # N >= s / float32 max keeps s / N finite: a zero bucket gets levels 0, and buckets below
         # ~4e-37 (subnormal territory) are quantised on that coarser scale, still without bias.
         norms.clamp_(min=self.levels / _FLOAT32_MAX)
-        scaled = buckets.scale(flat, self.levels / norms, out=torch.empty_like(flat))
-        stochastic_round_(scaled, generator).clamp_(-self.levels, self.levels)
-        payload.buffers["levels"] = scaled.to(torch.int8)
+        factors, size = self.levels / norms, self.bucket_size
+
+        def scaled(start: int, stop: int, out: Tensor) -> Tensor:  # whole buckets: start % size == 0
+            part = Blocks.uniform(stop - start, size)
+            return part.scale(flat[start:stop], factors[start // size :], out=out)
+
+        bound = (-self.levels, self.levels)
+        payload.buffers["levels"] = round_to_levels(
+            flat.numel(), scaled, bound, torch.int8, generator, device=flat.device, align=size
+        )
         payload.buffers["norms"] = norms
 
     def _decode(self, payload: Payload) -> Tensor:
@@ -152,8 +207,13 @@ class Rounding(Compressor):
                     f"bits={self.bits} holds; raise step or bits"
                 )
         center = origin + half * step
-        levels = stochastic_round_((flat - center).div_(step), generator).clamp_(-half, half - 1)
-        payload.buffers["levels"] = levels.to(self.wire)
+
+        def on_grid(start: int, stop: int, out: Tensor) -> Tensor:
+            return torch.sub(flat[start:stop], center, out=out).div_(step)
+
+        payload.buffers["levels"] = round_to_levels(
+            flat.numel(), on_grid, (-half, half - 1), self.wire, generator, device=flat.device
+        )
         payload.buffers["center"] = center.reshape(1)
         payload.buffers["step"] = step.reshape(1)
 

@@ -7,7 +7,7 @@ batches by index with their own generator instead of going through a DataLoader.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -76,6 +76,15 @@ class Dataset:
     def num_test(self) -> int:
         """Number of test samples over all shards."""
         return int(self.test_y.shape[0])
+
+    def with_test_subset(self, samples: int, seed: int) -> Dataset:
+        """This data set evaluated on `samples` test samples drawn at random (by `seed`, so the same on
+        every worker and every run with that seed), kept in their stored order; all of them if fewer."""
+        if samples >= self.num_test:
+            return self
+        generator = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(self.num_test, generator=generator)[:samples].sort().values
+        return replace(self, test_x=self.test_x[keep], test_y=self.test_y[keep])
 
     def train_batch(self, indices: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Gather training samples `indices` and apply the random train augmentation.
