@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from worker_threads import run_workers
 
 from commsgd.cli import main
 from commsgd.comm import Communicator
@@ -126,12 +127,7 @@ def _run_lockstep(
                 break
         stops[rank] = step
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a worker hangs"
+    run_workers(worker, world)
     return stops
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from worker_threads import run_workers
 
 from commsgd.cli import main
 from commsgd.comm import Communicator
@@ -48,11 +49,7 @@ def test_rank0_time_limit_stops_every_worker_at_one_check_step(check_every: int)
                 break
         stops[rank] = step
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_workers(worker, world)
     expected = 30 if check_every == CHECK_EVERY else 24  # the first check step after rank 0's limit
     assert stops == [expected] * world
     assert all(a.signum() == TIME_LIMIT for a in agreements)
