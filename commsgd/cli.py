@@ -285,7 +285,7 @@ def check_before_spawn(cfg: Any, dataset: Any) -> None:
 
 def resolve_train_config(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     """Config, run directory and resume flag for `commsgd train`, all validated before any worker starts."""
-    from commsgd.context import launched_by_torchrun
+    from commsgd.launch import launched_by_torchrun
     from commsgd.rundir import new_run_dir
 
     cfg = checked_train_config(args)
@@ -306,7 +306,7 @@ def checked_train_config(args: argparse.Namespace) -> Any:
     (a resumed run's is its own, in `out`). Nothing is created."""
     from commsgd.algorithms import get_algorithm_class, validate_params
     from commsgd.config import load_config, read_yaml, shown
-    from commsgd.context import launched_by_torchrun
+    from commsgd.launch import launched_by_torchrun
     from commsgd.rundir import path_problem
     from commsgd.tasks import DATASETS, MODELS, load_dataset
     from commsgd.tasks.user import is_user_spec
@@ -370,7 +370,7 @@ def resolved_config_text(cfg: Any) -> str:
     import yaml
 
     from commsgd.config import DEFAULT_STEPS, to_dict
-    from commsgd.context import launched_by_torchrun
+    from commsgd.launch import launched_by_torchrun
     from commsgd.train import worker_threads
 
     data = to_dict(cfg)
@@ -384,27 +384,28 @@ def resolved_config_text(cfg: Any) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from commsgd.config import save_config, to_dict
-    from commsgd.context import launched_by_torchrun
-    from commsgd.launch import launch_local, worker_entry
+    from commsgd.launch import launch_local, launched_by_torchrun, worker_entry, worker_server
 
     if args.print_config:  # checked as for a run, but nothing is created or started
         print(resolved_config_text(checked_train_config(args)), end="")
         return 0
-    cfg, run_dir, resume = resolve_train_config(args)
-    if launched_by_torchrun():
-        cfg.workers = int(os.environ["WORLD_SIZE"])
-        if int(os.environ["RANK"]) != 0:  # cannot pass process-group setup before rank 0 holds the lock
-            worker_entry(to_dict(cfg), str(run_dir), resume)
-            return 0
-        with claim_run_dir(run_dir, resume):
-            if not resume:  # a resumed run's config is rewritten by rank 0 once its checkpoint loaded
-                save_config(cfg, run_dir / "config.yaml")
-            worker_entry(to_dict(cfg), str(run_dir), resume)
+    if not launched_by_torchrun():
+        with worker_server():  # the workers' imports, done beside the checks
+            cfg, run_dir, resume = resolve_train_config(args)
+            with claim_run_dir(run_dir, resume):  # held by this launcher for the whole run and restarts
+                if not resume:
+                    save_config(cfg, run_dir / "config.yaml")
+                return launch_local(cfg, run_dir, resume)
+    cfg, run_dir, resume = resolve_train_config(args)  # under torchrun: this process is a worker
+    cfg.workers = int(os.environ["WORLD_SIZE"])
+    if int(os.environ["RANK"]) != 0:  # cannot pass process-group setup before rank 0 holds the lock
+        worker_entry(to_dict(cfg), str(run_dir), resume)
         return 0
-    with claim_run_dir(run_dir, resume):  # held by this launcher for the whole run, restarts included
-        if not resume:
+    with claim_run_dir(run_dir, resume):
+        if not resume:  # a resumed run's config is rewritten by rank 0 once its checkpoint loaded
             save_config(cfg, run_dir / "config.yaml")
-        return launch_local(cfg, run_dir, resume)
+        worker_entry(to_dict(cfg), str(run_dir), resume)
+    return 0
 
 
 @contextlib.contextmanager

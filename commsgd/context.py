@@ -249,11 +249,6 @@ def env_int(name: str, default: int | None = None) -> int:
     return int(value)
 
 
-def launched_by_torchrun() -> bool:
-    """True inside a worker started by torchrun/torch elastic (or any env:// launcher)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
 def choose_device(cluster: ClusterConfig, local_rank: int) -> tuple[torch.device, str]:
     """CUDA + NCCL where asked for (or `auto` and available), CPU + gloo otherwise."""
     want_cuda = cluster.device == "cuda" or (cluster.device == "auto" and torch.cuda.is_available())

@@ -1,10 +1,10 @@
 """End a process that imported torch without the interpreter's teardown, once its work is done.
 
 Tearing torch down (module objects, C++ static destructors, thread pools) takes 1-2 s per process
-on a loaded machine, and four workers doing it at once on two cores kept the prompt away for
-about 8 s after the final table. Nothing of a run is left to it: the trainer closes its logs
-and the worker's context its heartbeat and process group before this point, checkpoints are
-written atomically, and the exit handlers still run (logging flushes) before the process ends.
+on a loaded machine. Nothing of a run is left to it: the trainer closes its logs and the worker's
+context its heartbeat and process group before this point, checkpoints are written atomically,
+and the exit handlers still run (logging flushes) before the process ends. The launcher's
+workers, forked by multiprocessing's forkserver, end by os._exit already (`commsgd.launch`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import multiprocessing
 import os
 import sys
 import threading
@@ -42,16 +41,3 @@ def exit_program(code: int) -> NoReturn:
             thread.join()
     atexit._run_exitfuncs()
     exit_now(code)
-
-
-def skip_teardown_of_worker() -> None:
-    """In a worker process spawned by the embedded launcher, whose entry function returned: exit
-    0 as soon as the interpreter starts finalizing, i.e. after torch elastic has handed the return
-    value to the launcher and released the worker (the launcher waits for the process to end).
-
-    Registered last, the handler runs first; handlers registered earlier (torch's caches for
-    compilers and data loader workers, unused here) are skipped. Does nothing in a main process:
-    under torchrun, or a test calling the entry function in place, the program's own exit decides.
-    """
-    if multiprocessing.parent_process() is not None:
-        atexit.register(exit_now, 0)

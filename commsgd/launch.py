@@ -25,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from commsgd import startup
 from commsgd.config import Config, from_dict, to_dict
 from commsgd.errors import UserError, WorkerError
 from commsgd.interrupt import STOP_SIGNALS
@@ -42,6 +43,11 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def launched_by_torchrun() -> bool:
+    """True inside a worker started by torchrun/torch elastic (or any env:// launcher)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
 def _embedded() -> bool:
@@ -116,19 +122,12 @@ def _end_as_recorded(run_dir: Path | None, outcome: dict[str, Any]) -> dict[str,
     return _end_on_interrupt(run_dir, int(outcome["interrupted"]), None, own=False)
 
 
-def worker_entry(cfg_data: dict[str, Any], run_dir: str | None, resume: bool) -> dict[str, Any] | None:
-    """What every worker process runs (picklable: a module-level function); see `_worker_entry`.
-
-    A worker whose entry returned ends without the interpreter's teardown (`commsgd.fastexit`)."""
-    from commsgd.fastexit import skip_teardown_of_worker
-
-    result = _worker_entry(cfg_data, run_dir, resume)
-    skip_teardown_of_worker()
-    return result
-
-
-def _worker_entry(cfg_data: dict[str, Any], run_dir: str | None, resume: bool) -> dict[str, Any] | None:
-    """One worker's run, its failures turned into outcomes for the launcher.
+def worker_entry(
+    cfg_data: dict[str, Any], run_dir: str | None, resume: bool, launched: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """What every worker process runs (picklable: a module-level function): one worker's run, its
+    failures turned into outcomes for the launcher. `launched`: the environment variables the
+    launcher set after its forkserver started (`worker_server`), which the worker did not inherit.
 
     SIGINT / SIGTERM stop the run at a step boundary (`commsgd.interrupt`); the worker then exits
     128 + signal or returns ``{"interrupted": signum}`` (see `_end_on_interrupt`). Bad input ends the
@@ -141,6 +140,9 @@ def _worker_entry(cfg_data: dict[str, Any], run_dir: str | None, resume: bool) -
     from commsgd.context import PeerFailure
     from commsgd.train import run_worker
 
+    os.environ.update(launched or {})
+    if _embedded():  # forked with SIGINT ignored (`worker_server`): Ctrl-C stops it as any program
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # A crash in C++ (SIGSEGV, SIGABRT at exit) prints every thread's Python stack: it names the cause.
     faulthandler.enable(all_threads=True)
 
@@ -204,6 +206,8 @@ def _bound_store_server(host: str, port: int, timeout: timedelta) -> Any:
 
 #: "RUN_ID@HOST:PORT" of the workers' store this launcher hosts (read by `commsgd.context`)
 STORE_ENV = "COMMSGD_STORE"
+#: the environment variables `launch_local` sets for its workers, passed to them (`worker_entry`)
+_LAUNCH_ENV = (STORE_ENV, startup.ENV, "GLOO_SOCKET_IFNAME")
 #: keeps torch elastic from hosting its own workers' store, which would listen on every interface
 _NO_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
@@ -229,6 +233,51 @@ def loopback_stores(host: str, run_id: str, timeout: timedelta) -> Iterator[int]
             else:
                 os.environ[name] = value
         del rendezvous_store, workers_store
+
+
+#: what a worker imports, imported once by the forkserver its process is forked from; torch._dynamo
+#: is imported by torch.optim when the first optimizer is built (about as long as torch itself)
+WORKER_MODULES = ("torch", "commsgd.launch", "commsgd.train", "torch._dynamo")
+
+
+@contextlib.contextmanager
+def worker_server() -> Iterator[None]:
+    """Run multiprocessing's forkserver, with `WORKER_MODULES` imported in it, until the block ends.
+
+    Spawned workers each imported torch, four at once on two cores; forked from the forkserver they
+    start with it imported, and started before this process's own checks (`commsgd train`) it
+    imports beside them. The forkserver is a fresh interpreter that imports modules and runs
+    nothing else (no thread pools, no process group) before it forks; each worker sets its own
+    thread count (`commsgd.train.worker_threads`). Its workers inherit the environment and working
+    directory of the block's start (`launch_local` passes what it sets later), and each block gets
+    its own forkserver, so that a later launch of this process does not run on an older one's.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    _stop_worker_server(server)  # one started earlier (by other code) holds another environment
+    multiprocessing.set_forkserver_preload(list(WORKER_MODULES))
+    # Started ignoring SIGINT, Ctrl-C during its imports prints no traceback of its own (this
+    # process says it); its workers inherit that and take the usual handler back (`worker_entry`).
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        _stop_worker_server(server)
+
+
+def _stop_worker_server(server: Any) -> None:
+    """Stop the forkserver at once: killed, it neither finishes its imports (a run refused by the
+    checks) nor tears torch down (1-2 s after the final table); its workers have ended."""
+    if server._forkserver_pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server._forkserver_pid, signal.SIGKILL)
+    server._stop()
 
 
 def _loopback_interface() -> str | None:
@@ -312,18 +361,19 @@ def launch_local(cfg: Config, run_dir: Path, resume: bool) -> int:
     Signals: torch elastic's agent turns SIGINT / SIGTERM of this process into a `SignalException`
     after sending the same signal to every worker and waiting for them (30 s, then SIGKILL;
     TORCH_ELASTIC_SHUTDOWN_TIMEOUT changes it). Ctrl-C also reaches the workers directly.
+
+    The workers are forked by multiprocessing's forkserver: the one `worker_server` runs, with
+    torch imported (`commsgd train`), else the default one, started on the first worker.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from commsgd.startup import mark_command_start
-
     print(f"starting {cfg.workers} workers", flush=True)  # stdout: stderr is for the one error line
     _quiet_torch_logs()
     handlers = {sig: signal.getsignal(sig) for sig in _AGENT_SIGNALS}  # the agent replaces them
     started = time.time()
-    mark_command_start()  # the workers inherit it: rank 0 reports the start-up (commsgd.startup)
+    startup.mark_command_start()  # passed to the workers (_LAUNCH_ENV): rank 0 reports the start-up
     loopback = _loopback_interface()
     if loopback is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
@@ -342,10 +392,11 @@ def launch_local(cfg: Config, run_dir: Path, resume: bool) -> int:
                 rdzv_configs={"timeout": timeout_s, "is_host": False},
                 max_restarts=cfg.cluster.max_restarts,
                 monitor_interval=0.1,
-                start_method="spawn",
+                start_method="forkserver",
                 local_addr=host,
             )
-            results = elastic_launch(config, worker_entry)(to_dict(cfg), str(run_dir), resume)
+            launched = {name: os.environ[name] for name in _LAUNCH_ENV if name in os.environ}
+            results = elastic_launch(config, worker_entry)(to_dict(cfg), str(run_dir), resume, launched)
     except SignalException as exc:
         if _finished_since(run_dir, started):  # the signal came during the last step's wrap-up
             return 0

@@ -43,7 +43,7 @@ def test_quick_run_writes_one_table_two_figures_and_bytes_in_order(tmp_path: Pat
     assert len(rows) == len([ln for ln in text.splitlines() if ln.startswith("|")]) - 1  # one table
     methods = [
         "allreduce", "local_sgd-tau8", "easgd-tau8", "lsgd-tau8", "diloco-H8", "diloco-H16",
-        "streaming-H8-P4", "diloco-H8-topk2%", "powersgd",
+        "streaming-H8-P4", "diloco-H8-topk2%", "powersgd", "dist_ef_sgd",
     ]  # fmt: skip
     assert [(r[0], r[1]) for r in body] == [(link, m) for link in ("1 Gbit/s", "0.1 Gbit/s") for m in methods]
     assert all(len(r) == len(header) for r in body)
@@ -62,6 +62,7 @@ def test_quick_run_writes_one_table_two_figures_and_bytes_in_order(tmp_path: Pat
         assert per_step["streaming-H8-P4"] == pytest.approx(per_step["diloco-H8"], rel=0.05)
         assert per_step["diloco-H8-topk2%"] < per_step["diloco-H8"] / 4
         assert per_step["powersgd"] < dense / 4
+        assert per_step["dist_ef_sgd"] < dense / 8  # one bit per coordinate each way, and a scale
         assert per_step["lsgd-tau8"] < per_step["local_sgd-tau8"]
 
     # the verdict names the method whose error at T is lowest in the table, for each link rate
@@ -73,6 +74,12 @@ def test_quick_run_writes_one_table_two_figures_and_bytes_in_order(tmp_path: Pat
         )
         assert verdict is not None
         assert scored[verdict.group(1)] == min(v for v in scored.values() if v is not None)
+
+    # --reuse remakes the same table from the runs left in --out, training nothing
+    (out / "lowcomm.md").unlink()
+    assert main(["bench", "lowcomm", "--quick", "--reuse", "--out", str(out)]) == 0
+    assert table_rows((out / "lowcomm.md").read_text()) == rows
+    assert main(["bench", "lowcomm", "--quick", "--reuse", "--out", str(tmp_path / "empty")]) == 2
 
 
 def fake_run(evals: list[dict[str, float]], steps: list[tuple[int, float, float]]) -> Run:

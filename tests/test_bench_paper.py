@@ -1,17 +1,11 @@
-"""`bench paper`'s arithmetic: the FLOP count, the matched link rate, evaluation spacing, --reuse."""
+"""`bench paper`'s arithmetic: the FLOP count, the matched link rate, evaluation spacing."""
 
 from __future__ import annotations
-
-import argparse
-import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from commsgd.bench.common import BenchEnv, Job
-from commsgd.bench.paper import MatchedLink, _execute, eval_every, forward_flops, method_overrides
+from commsgd.bench.paper import MatchedLink, eval_every, forward_flops, method_overrides
 
 
 def test_forward_flops_counts_convolutions_and_linear_layers() -> None:
@@ -50,23 +44,3 @@ def test_method_overrides_are_the_papers() -> None:
     resnet = method_overrides("resnet20", "easgd", 100.0)
     assert "optim.drop_seconds=[60]" in resnet and "algo.beta=0.43" in resnet
     assert method_overrides("mlp", "lsgd", None) == []
-
-
-def test_reuse_reads_finished_runs_and_notes_the_missing(tmp_path: Path) -> None:
-    env = BenchEnv(out=tmp_path)
-    done = env.runs_dir("paper") / "a"
-    done.mkdir(parents=True)
-    summary = {"algorithm": "sgd", "steps": [1], "test_error": 0.5, "wall_time_s": 1.0}
-    (done / "summary.json").write_text(json.dumps({**summary, "bytes_sent": [0], "bytes_per_step": [0]}))
-    (done / "config.yaml").write_text("algorithm: sgd\nworkers: 1\n")
-    broken = env.runs_dir("paper") / "c"  # a summary but no config.yaml: not a run directory
-    broken.mkdir()
-    (broken / "summary.json").write_text("{}")
-    (done / "eval.jsonl").write_text('{"step": 1, "wall_s": 1.0, "train_s": 0.5, "test_error": 0.5}\n')
-    jobs = [Job("a", "sgd", 1, 1), Job("b", "sgd", 1, 1), Job("c", "sgd", 1, 1)]
-    found = _execute(env, argparse.Namespace(reuse=True), None, jobs)
-    assert found["b"] is None and any("b holds no finished run" in n for n in env.notes)
-    assert found["c"] is None and any("c holds no finished run" in n for n in env.notes)
-    run = found["a"]
-    assert run is not None and run.curve("test_error") == ([0.5], [0.5])  # training time, not wall
-    assert not math.isnan(run.curve("test_error")[1][0])

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import torch
 
 from commsgd.algorithms import build_algorithm, validate_params
 from commsgd.algorithms.lsgd import LossWindow, select_leader
@@ -30,10 +29,12 @@ def test_loss_window_keeps_the_last_k() -> None:
 
 
 def test_select_leader_skips_non_finite_and_breaks_ties_low() -> None:
-    assert select_leader(torch.tensor([3.0, 1.0, 1.0, 2.0])) == 1
-    assert select_leader(torch.tensor([math.nan, 5.0, math.inf, 7.0])) == 1
-    assert select_leader(torch.tensor([math.nan, -math.inf, math.inf])) is None
-    assert select_leader(torch.tensor([-0.5, -0.2])) == 0
+    assert select_leader([3.0, 1.0, 1.0, 2.0]) == 1
+    assert select_leader([math.nan, 5.0, math.inf, 7.0]) == 1
+    assert select_leader([math.nan, -math.inf, math.inf]) is None
+    assert select_leader([-0.5, -0.2]) == 0
+    assert select_leader([0.0, -0.0]) == 0  # equal values: the lowest index, as torch.argmin
+    assert select_leader([]) is None
 
 
 def test_defaults_follow_the_paper() -> None:

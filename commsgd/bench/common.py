@@ -254,6 +254,58 @@ def run_batch(env: BenchEnv, bench: str, jobs: Sequence[Job]) -> dict[str, Run |
     return results
 
 
+def made_by(run: Run, job: Job) -> bool:
+    """Whether the run directory's config is what `job` asks for: algorithm, workers, steps and every
+    override (cluster.* left out: the emulated cluster places those per node)."""
+    from commsgd.config import parse_override
+
+    cfg = run.config
+    if (cfg.get("algorithm"), cfg.get("workers"), cfg.get("steps")) != (
+        job.algorithm,
+        job.workers,
+        job.steps,
+    ):
+        return False
+    for text in (*RUN_DEFAULTS, *job.overrides):
+        parts, value = parse_override(text)
+        if parts[0] == "cluster":
+            continue
+        node: Any = cfg
+        for part in parts:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node != value:
+            return False
+    return True
+
+
+def reuse_runs(env: BenchEnv, bench: str, jobs: Sequence[Job]) -> dict[str, Run | None]:
+    """`--reuse`: train nothing, read the jobs' finished run directories an earlier run of the benchmark
+    left in the output folder (None, with a note, for one that is missing, unfinished or was made with
+    other arguments). ConfigError (exit 2) when the folder holds no finished run at all."""
+    from commsgd.errors import ConfigError
+    from commsgd.report import ReportError
+
+    if not any(env.runs_dir(bench).glob("*/summary.json")):
+        raise ConfigError(
+            f"{bench} --reuse: {env.runs_dir(bench)} holds no finished run; run the command once without "
+            "--reuse (same arguments and --out)"
+        )
+    found: dict[str, Run | None] = {}
+    for job in jobs:
+        folder = env.runs_dir(bench) / job.name
+        run = None
+        if (folder / "summary.json").is_file():
+            with contextlib.suppress(ReportError):
+                run = load_run(folder, label=job.name)
+        if run is not None and not made_by(run, job):
+            env.note(f"{bench} --reuse: {folder} was made with other arguments; not used")
+            run = None
+        elif run is None:
+            env.note(f"{bench} --reuse: {folder} holds no finished run")
+        found[job.name] = run
+    return found
+
+
 def run_jobs(env: BenchEnv, bench: str, jobs: Sequence[Job]) -> dict[str, Run | None]:
     """Each job as its own process (timings as a user would see them), or batched in --quick mode."""
     if env.quick:

@@ -1,7 +1,8 @@
 """lowcomm: the methods picked today for slow links, on one task, 4 workers, one worker per node:
 all-reduce SGD, local SGD, EASGD, LSGD, DiLoCo (H = 64 and 256), Streaming DiLoCo (fragments with
-overlapped all-reduces), DiLoCo with top-k pseudo-gradients (2 %, error feedback) and PowerSGD, behind
-1 and 0.1 Gbit/s links (the in-process network model; --cluster: the emulated cluster's shaped links).
+overlapped all-reduces), DiLoCo with top-k pseudo-gradients (2 %, error feedback), PowerSGD and dist-EF-SGD
+(scaled sign, two-way error feedback), behind 1 and 0.1 Gbit/s links (the in-process network model;
+--cluster: the emulated cluster's shaped links).
 
     commsgd bench lowcomm --task cifar --data-dir ../shared/data/cifar10-jpeg        CNN7, test error
     commsgd bench lowcomm --task shakespeare --data-dir ../shared/data/tinyshakespeare/input.txt
@@ -24,15 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from commsgd.bench.common import BenchEnv, Job, available, run_jobs, write_result
+from commsgd.bench.common import BenchEnv, Job, available, reuse_runs, run_jobs, write_result
 from commsgd.errors import ConfigError
 from commsgd.metrics import human_bytes, mean
 from commsgd.report import Run, md_table, pct, run_stats, secs, write_report
 
-TITLE = "DiLoCo (H 64, 256, streaming, top-k), local SGD, EASGD, LSGD, PowerSGD vs all-reduce over slow links"
+TITLE = (
+    "DiLoCo (H 64, 256, streaming, top-k), local SGD, EASGD, LSGD, PowerSGD, dist-EF-SGD vs all-reduce over "
+    "slow links"
+)
 
 WORKERS = 4
-#: steps per worker of a full run, chosen so that the cifar entry (2 link rates x 9 methods) fits in about
+#: steps per worker of a full run, chosen so that the cifar entry (2 link rates x 10 methods) fits in about
 #: 40 minutes on 2 cores (docs/diloco.md, "Measured", says how the step time was measured)
 FULL_STEPS = {"cifar": 192, "shakespeare": 512}
 QUICK_STEPS = 32
@@ -55,6 +59,8 @@ class Task:
     metric: str  # key in eval.jsonl
     metric_name: str  # for headers and text
     fmt: Callable[[float | None], str]
+    axis: str = ""  # the figures' y label, when it differs from metric_name
+    scale: float = 1.0  # the figures plot metric x scale (a fraction as percent)
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cluster", action="store_true", help="run on the emulated cluster, one node per worker (root)"
     )
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="train nothing: remake the table and figures from the runs an earlier run of this command "
+        "left in --out (same arguments)",
+    )
+    parser.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -143,7 +155,15 @@ def task_of(env: BenchEnv, name: str) -> Task:
             bits,
         )
     if not data:
-        return Task("mlp on digits", ["model=mlp", "data.dataset=digits"], "test_error", "test error", pct)
+        return Task(
+            "mlp on digits",
+            ["model=mlp", "data.dataset=digits"],
+            "test_error",
+            "test error",
+            pct,
+            "test error (%)",
+            100.0,
+        )
     dataset = "cifar10" if (Path(data) / "cifar-10-batches-py").is_dir() else "imagefolder"
     return Task(
         f"CNN7 on {dataset} ({data})",
@@ -151,11 +171,13 @@ def task_of(env: BenchEnv, name: str) -> Task:
         "test_error",
         "test error",
         pct,
+        "test error (%)",
+        100.0,
     )
 
 
 def methods(h_short: int, h_long: int) -> list[Method]:
-    """The nine compared methods; every periodic one but DiLoCo H_LONG communicates every `h_short` steps."""
+    """The ten compared methods; every periodic one but DiLoCo H_LONG communicates every `h_short` steps."""
     tau = f"algo.tau={h_short}"
     overlap = max(1, h_short // (4 * STREAMING_FRAGMENTS))  # tau * P < H, as the algorithm requires
     return [
@@ -180,6 +202,7 @@ def methods(h_short: int, h_long: int) -> list[Method]:
             (f"algo.inner_steps={h_short}", "algo.compressor=topk", f"algo.ratio={TOPK_RATIO}"),
         ),
         Method("powersgd", "powersgd"),
+        Method("dist_ef_sgd", "dist_ef_sgd"),
     ]
 
 
@@ -296,7 +319,9 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         for m in compared:
             job = Job(run_name(m, gbps), m.algorithm, WORKERS, steps, [*base, *links, *m.params])
             jobs[job.name] = (job, gbps, m)
-    if args.cluster:
+    if args.reuse:
+        runs = reuse_runs(env, "lowcomm", [job for job, _, _ in jobs.values()])
+    elif args.cluster:
         from commsgd.bench.cluster import run_on_cluster
 
         runs = {
@@ -454,47 +479,27 @@ def plot(env: BenchEnv, rows: Sequence[Row], task: Task) -> tuple[Path, Path]:
     """Metric vs training time and vs bytes sent (log10 scale), one panel per link rate."""
     from commsgd.plots import Panel, Series, save_figure
 
-    by_time, by_bytes = [], []
-    for gbps in dict.fromkeys(r.gbps for r in rows):
-        here = [r for r in rows if r.gbps == gbps]
-        by_time.append(
-            Panel(
-                f"{gbps:g} Gbit/s",
-                "training time (s)",
-                task.metric_name,
-                [
-                    Series(r.method.label, [p.train_s for p in r.points], [p.value for p in r.points])
-                    for r in here
-                ],
-                markers=True,
+    axes: dict[str, tuple[str, Callable[[Point], float | None]]] = {
+        "time": ("training time (s)", lambda p: p.train_s),
+        # log scale: evaluations before a method's first message are left out
+        "bytes": (
+            "log10(bytes sent per worker)",
+            lambda p: math.log10(p.bytes_sent) if p.bytes_sent > 0 else None,
+        ),
+    }
+    figures = []
+    for name, (xlabel, x_of) in axes.items():
+        panels = []
+        for gbps in dict.fromkeys(r.gbps for r in rows):
+            series = []
+            for r in (r for r in rows if r.gbps == gbps):
+                drawn = [(x, p.value * task.scale) for p in r.points if (x := x_of(p)) is not None]
+                series.append(Series(r.method.label, [x for x, _ in drawn], [y for _, y in drawn]))
+            panels.append(
+                Panel(f"{gbps:g} Gbit/s", xlabel, task.axis or task.metric_name, series, markers=True)
             )
+        title = f"{task.metric_name} vs {'training time' if name == 'time' else 'bytes sent'}"
+        figures.append(
+            save_figure(env.out / f"lowcomm_vs_{name}.png", panels, title, len(panels), size=(6.0, 4.2))
         )
-        sent = [(r.method.label, [p for p in r.points if p.bytes_sent > 0]) for r in here]
-        by_bytes.append(
-            Panel(
-                f"{gbps:g} Gbit/s",
-                "log10(bytes sent per worker)",
-                task.metric_name,
-                [
-                    Series(label, [math.log10(p.bytes_sent) for p in ps], [p.value for p in ps])
-                    for label, ps in sent
-                ],
-                markers=True,
-            )
-        )
-    columns = len(by_time)
-    time_png = save_figure(
-        env.out / "lowcomm_vs_time.png",
-        by_time,
-        f"{task.metric_name} vs training time",
-        columns,
-        size=(6.0, 4.2),
-    )
-    bytes_png = save_figure(
-        env.out / "lowcomm_vs_bytes.png",
-        by_bytes,
-        f"{task.metric_name} vs bytes sent",
-        columns,
-        size=(6.0, 4.2),
-    )
-    return time_png, bytes_png
+    return figures[0], figures[1]

@@ -26,12 +26,10 @@ from typing import Any
 
 import torch
 
-from commsgd.bench.common import BenchEnv, Job, available, run_jobs, write_result
+from commsgd.bench.common import BenchEnv, Job, available, reuse_runs, run_jobs, write_result
 from commsgd.report import (
-    ReportError,
     Run,
     auto_target,
-    load_run,
     md_table,
     pct,
     run_stats,
@@ -337,18 +335,7 @@ def _execute(
     """Run `jobs` (on the emulated cluster for a cluster setting), or with --reuse read their run
     directories from an earlier run (None, with a note, where one did not finish)."""
     if args.reuse:
-        found: dict[str, Run | None] = {}
-        for j in jobs:
-            folder = env.runs_dir("paper") / j.name
-            try:
-                found[j.name] = (
-                    load_run(folder, label=j.name) if (folder / "summary.json").is_file() else None
-                )
-            except ReportError:
-                found[j.name] = None
-            if found[j.name] is None:
-                env.note(f"paper --reuse: {folder} holds no finished run")
-        return found
+        return reuse_runs(env, "paper", jobs)
     if setting is None or not setting.on_cluster:
         return run_jobs(env, "paper", jobs)
     from commsgd.bench.cluster import run_on_cluster

@@ -63,13 +63,12 @@ def round_to_levels(
     """Integer levels clamp(stochastic_round(v), *bound) as `dtype`, where v = to_grid(start, stop, out)
     writes elements [start, stop) of the values to put on the grid into `out` and returns it.
 
-    Works `ROUND_CHUNK`-sized chunks (rounded to a multiple of 4 and of `align`, e.g. a bucket size
-    whose scale to_grid applies per chunk) through one cached scratch buffer: a few in-cache passes
-    per chunk instead of several passes over vector-sized temporaries. The noise is drawn in order,
-    so the levels equal those of one `stochastic_round_` over the whole vector.
+    Works chunks of `chunk_size(align)` elements (`align`: e.g. a bucket size whose scale to_grid applies
+    per chunk) through one scratch buffer: a few in-cache passes per chunk instead of several passes
+    over vector-sized temporaries. The noise is drawn in order, so the levels equal those of one
+    `stochastic_round_` over the whole vector.
     """
-    unit = align * 4 // math.gcd(align, 4)
-    chunk = max(unit, ROUND_CHUNK // unit * unit)
+    chunk = chunk_size(align)
     levels = torch.empty(numel, dtype=dtype, device=device)
     scratch = torch.empty(min(chunk, numel), dtype=torch.float32, device=device)
     words = torch.empty(noise_words(scratch.numel()), dtype=torch.int64, device=device)
@@ -79,6 +78,25 @@ def round_to_levels(
         _dither_floor_(values, words, generator).clamp_(*bound)
         levels[start:stop].copy_(values)
     return levels
+
+
+def from_levels(levels: Tensor, to_values: Callable[[int, int, Tensor], Tensor], *, align: int = 1) -> Tensor:
+    """float32 values of integer `levels`, where to_values(start, stop, out) turns `out`, holding levels
+    [start, stop) as floats, into their values in place. Chunks of `chunk_size(align)` elements are
+    converted and mapped while in cache, one pass over the result instead of three."""
+    values = torch.empty(levels.numel(), dtype=torch.float32, device=levels.device)
+    chunk = chunk_size(align)
+    for start in range(0, levels.numel(), chunk):
+        stop = min(start + chunk, levels.numel())
+        to_values(start, stop, values[start:stop].copy_(levels[start:stop]))
+    return values
+
+
+def chunk_size(align: int) -> int:
+    """Elements per chunk of `round_to_levels` and `from_levels`: `ROUND_CHUNK` rounded down to a
+    multiple of 4 (whole noise words) and of `align`, at least one such multiple."""
+    unit = align * 4 // math.gcd(align, 4)
+    return max(unit, ROUND_CHUNK // unit * unit)
 
 
 def noise_words(numel: int) -> int:
@@ -125,22 +143,30 @@ class QSGD(Compressor):
         # N >= s / float32 max keeps s / N finite: a zero bucket gets levels 0, and buckets below
         # ~4e-37 (subnormal territory) are quantised on that coarser scale, still without bias.
         norms.clamp_(min=self.levels / _FLOAT32_MAX)
-        factors, size = self.levels / norms, self.bucket_size
+        factors = self.levels / norms
 
-        def scaled(start: int, stop: int, out: Tensor) -> Tensor:  # whole buckets: start % size == 0
-            part = Blocks.uniform(stop - start, size)
-            return part.scale(flat[start:stop], factors[start // size :], out=out)
+        def scaled(start: int, stop: int, out: Tensor) -> Tensor:
+            return self._scale_buckets(flat[start:stop], start, factors, out)
 
         bound = (-self.levels, self.levels)
         payload.buffers["levels"] = round_to_levels(
-            flat.numel(), scaled, bound, torch.int8, generator, device=flat.device, align=size
+            flat.numel(), scaled, bound, torch.int8, generator, device=flat.device, align=self.bucket_size
         )
         payload.buffers["norms"] = norms
 
     def _decode(self, payload: Payload) -> Tensor:
-        values = payload.buffers["levels"].to(torch.float32)
         steps = payload.buffers["norms"] / self.levels
-        return Blocks.uniform(payload.numel, self.bucket_size).scale(values, steps, out=values)
+
+        def scaled(start: int, stop: int, out: Tensor) -> Tensor:
+            return self._scale_buckets(out, start, steps, out)
+
+        return from_levels(payload.buffers["levels"], scaled, align=self.bucket_size)
+
+    def _scale_buckets(self, part: Tensor, start: int, factors: Tensor, out: Tensor) -> Tensor:
+        """out = `part`, elements [start, start + len(part)) of a vector with `start` on a bucket edge,
+        with each bucket multiplied by its entry of `factors` (one per bucket of the whole vector)."""
+        first = start // self.bucket_size
+        return Blocks.uniform(part.numel(), self.bucket_size).scale(part, factors[first:], out=out)
 
     def _bucket_norms(self, view: Tensor) -> Tensor:
         largest = torch.maximum(view.amax(dim=1), view.amin(dim=1).neg_())
@@ -218,5 +244,5 @@ class Rounding(Compressor):
         payload.buffers["step"] = step.reshape(1)
 
     def _decode(self, payload: Payload) -> Tensor:
-        levels = payload.buffers["levels"].to(torch.float32)
-        return levels.mul_(payload.buffers["step"]).add_(payload.buffers["center"])
+        step, center = payload.buffers["step"], payload.buffers["center"]
+        return from_levels(payload.buffers["levels"], lambda start, stop, out: out.mul_(step).add_(center))

@@ -68,8 +68,11 @@ class ScaledSign(Compressor):
         payload.buffers["scales"] = scales
 
     def _decode(self, payload: Payload) -> Tensor:
+        blocks, scales = self.blocks(payload.numel), payload.buffers["scales"]
+        if blocks.count == 1:
+            return unpack_signs(payload.buffers["bits"], payload.numel, scale=scales)
         signs = unpack_signs(payload.buffers["bits"], payload.numel)
-        return self.blocks(payload.numel).scale(signs, payload.buffers["scales"], out=signs)
+        return blocks.scale(signs, scales, out=signs)
 
 
 class BlockSign(ScaledSign):
