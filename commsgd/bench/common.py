@@ -7,6 +7,7 @@ directories live under ``<out>/runs/<name>/`` (checkpoints removed after reading
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -252,6 +253,16 @@ def run_batch(env: BenchEnv, bench: str, jobs: Sequence[Job]) -> dict[str, Run |
                 results[name] = None
                 env.note(f"{bench}: run `{name}` failed: {error or 'no summary.json'}")
     return results
+
+
+def add_reuse_argument(parser: argparse.ArgumentParser) -> None:
+    """`--reuse` for a benchmark that reads its runs back with `reuse_runs`."""
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="train nothing: remake the results from the runs an earlier run of this command left in --out "
+        "(same arguments)",
+    )
 
 
 def made_by(run: Run, job: Job) -> bool:

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from commsgd.bench.common import BenchEnv, Job, available, reuse_runs, run_jobs, write_result
+from commsgd.bench.common import (
+    BenchEnv,
+    Job,
+    add_reuse_argument,
+    available,
+    reuse_runs,
+    run_jobs,
+    write_result,
+)
 from commsgd.errors import ConfigError
 from commsgd.metrics import human_bytes, mean
 from commsgd.report import Run, md_table, pct, run_stats, secs, write_report
@@ -117,12 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cluster", action="store_true", help="run on the emulated cluster, one node per worker (root)"
     )
-    parser.add_argument(
-        "--reuse",
-        action="store_true",
-        help="train nothing: remake the table and figures from the runs an earlier run of this command "
-        "left in --out (same arguments)",
-    )
+    add_reuse_argument(parser)
     parser.add_argument(
         "--set",
         nargs="+",

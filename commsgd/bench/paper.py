@@ -26,7 +26,15 @@ from typing import Any
 
 import torch
 
-from commsgd.bench.common import BenchEnv, Job, available, reuse_runs, run_jobs, write_result
+from commsgd.bench.common import (
+    BenchEnv,
+    Job,
+    add_reuse_argument,
+    available,
+    reuse_runs,
+    run_jobs,
+    write_result,
+)
 from commsgd.report import (
     Run,
     auto_target,
@@ -95,12 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cluster", action="store_true", help="run the 2-node settings on the emulated cluster"
     )
-    parser.add_argument(
-        "--reuse",
-        action="store_true",
-        help="train nothing: remake the tables and figures from the runs an earlier run of this command "
-        "left in --out (same arguments)",
-    )
+    add_reuse_argument(parser)
 
 
 # --------------------------------------------------------------------------------------- the link
