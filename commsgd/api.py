@@ -26,7 +26,6 @@ Gradient accumulation over k micro-batches works as with DDP: k `backward()` cal
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from commsgd.algorithms.base import Algorithm, MiniBatch, NextBatch
 from commsgd.config import ClusterConfig, NetworkConfig
 from commsgd.context import WorkerContext, create_context
+from commsgd.errors import say
 from commsgd.finite import all_finite
 from commsgd.precision import AgreedScaler
 
@@ -321,11 +321,9 @@ class CommOptimizer:
                 f"(nonfinite={self.nonfinite}, max_bad_steps={self.max_bad_steps})",
                 job_wide=what == AFTER_COMMUNICATION,
             )
-        print(
+        say(
             f"commsgd: warning: rank {rank}: non-finite {what} at step {self.steps}; this worker's "
-            f"gradient is zeroed for the step ({self.bad_in_a_row} in a row, stop at {self.max_bad_steps})",
-            file=sys.stderr,
-            flush=True,
+            f"gradient is zeroed for the step ({self.bad_in_a_row} in a row, stop at {self.max_bad_steps})"
         )
 
     @contextmanager

@@ -13,7 +13,6 @@ import ipaddress
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import weakref
@@ -27,7 +26,7 @@ import torch.distributed as dist
 
 from commsgd.comm import CommGroup, Communicator
 from commsgd.config import ClusterConfig, NetworkConfig
-from commsgd.errors import ConfigError
+from commsgd.errors import ConfigError, say
 
 
 class PeerFailure(RuntimeError):
@@ -111,12 +110,10 @@ class Heartbeat:
         _RUNNING.discard(self)
         if not self._thread.is_alive():
             return True
-        print(  # said, so that an abort at exit that may follow is explained
+        say(  # said, so that an abort at exit that may follow is explained
             f"commsgd: warning: rank {self.rank}: the heartbeat thread is still inside a store call "
             f"after {2 * self.interval_s + 1:.0f} s (the job's store does not answer); the process "
-            "may abort as it exits",
-            file=sys.stderr,
-            flush=True,
+            "may abort as it exits"
         )
         return False
 
@@ -374,11 +371,9 @@ def create_context(
         and env_int("GROUP_WORLD_SIZE", 1) > 1
         and env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0
     ):
-        print(
+        say(
             "commsgd: warning: torchrun restarts across nodes need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
-            "the environment of every torchrun (pytorch/pytorch#135712); see docs/reliability.md",
-            file=sys.stderr,
-            flush=True,
+            "the environment of every torchrun (pytorch/pytorch#135712); see docs/reliability.md"
         )
     node_of = node_layout(world_size, cluster.group_size or local_world)
     comm = Communicator(rank, world_size, node_of, network, cluster.split_wait)

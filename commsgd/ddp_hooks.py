@@ -23,7 +23,6 @@ lr_scale * vote, meant for SGD without momentum. A non-finite gradient raises ou
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,7 @@ from torch.autograd import Variable
 from commsgd.algorithms.base import Algorithm, build_algorithm, validate_params
 from commsgd.comm import Pending
 from commsgd.context import WorkerContext
-from commsgd.errors import CheckpointError, ConfigError
+from commsgd.errors import CheckpointError, ConfigError, say
 
 #: hook name -> (commsgd algorithm, fixed parameters); `allreduce` is the hook's own plain averaging
 HOOKS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -180,11 +179,9 @@ class HookState:
         steps = max((self._steps_of.pop(m, 0) for m in members), default=0)
         if steps > int(self.params.get("warmup_steps", 0)) and not self._warned and self.ctx.rank == 0:
             self._warned = True
-            print(
+            say(
                 f"commsgd: warning: ddp_hook: DDP regrouped its buckets after step {steps}; the {self.name} "
-                "state of those steps restarts (use one bucket, or powersgd with warmup_steps >= 1)",
-                file=sys.stderr,
-                flush=True,
+                "state of those steps restarts (use one bucket, or powersgd with warmup_steps >= 1)"
             )
         return steps
 

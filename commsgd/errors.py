@@ -25,3 +25,13 @@ class CheckpointError(UserError):
 class WorkerError(Exception):
     """A failure of one worker's environment that it explains in one line (e.g. a full disk while
     saving a checkpoint): the worker that hit it prints the line and exits with code 1."""
+
+
+def say(line: str) -> None:
+    """Write one line to stderr in one write, so the lines of workers sharing a terminal or a pipe
+    never interleave (`print` writes the text and its newline apart when stderr is unbuffered,
+    as under PYTHONUNBUFFERED=1)."""
+    import sys
+
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

@@ -27,7 +27,7 @@ from typing import Any
 
 from commsgd import startup
 from commsgd.config import Config, from_dict, to_dict
-from commsgd.errors import UserError, WorkerError
+from commsgd.errors import UserError, WorkerError, say
 from commsgd.interrupt import STOP_SIGNALS
 
 #: exit code of a worker that stopped on bad user input (the worker printed the one-line reason)
@@ -91,7 +91,7 @@ def _end_on_user_error(run_dir: Path | None, message: str) -> dict[str, Any]:
     if _embedded():
         return {"user_error": message}
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 says it once
-        print(f"commsgd: error: {message}", file=sys.stderr, flush=True)
+        say(f"commsgd: error: {message}")
     sys.exit(USER_ERROR_EXIT)
 
 
@@ -112,7 +112,7 @@ def _end_on_interrupt(run_dir: Path | None, signum: int, step: int | None, own: 
     if not _embedded() and int(os.environ.get("RANK", "0")) == 0 and run_dir is not None:
         if step is None:
             step = common_checkpoint(run_dir, int(os.environ.get("WORLD_SIZE", "1")))
-        print(interrupted_line(run_dir, step), file=sys.stderr, flush=True)
+        say(interrupted_line(run_dir, step))
     sys.exit(exit_code(signum))
 
 
@@ -163,7 +163,7 @@ def worker_entry(
         return _end_on_interrupt(path, exc.signum, exc.step, own=signals.signum is not None)
     except NonFiniteError as exc:
         if not exc.job_wide or int(os.environ.get("RANK", "0")) == 0:  # every worker found the same
-            print(f"commsgd: error: {exc}", file=sys.stderr, flush=True)
+            say(f"commsgd: error: {exc}")
         sys.exit(NONFINITE_EXIT)
     except Exception as exc:
         # A peer's bad input or a stop signal made this worker's collective fail: say that instead.
@@ -173,7 +173,7 @@ def worker_entry(
         if signals.signum is not None:
             return _end_on_interrupt(path, signals.signum, None, own=True)
         if isinstance(exc, (PeerFailure, WorkerError)):  # said in one line by this worker
-            print(f"commsgd: error: {exc}", file=sys.stderr, flush=True)
+            say(f"commsgd: error: {exc}")
             sys.exit(PEER_FAILURE_EXIT)
         raise
 
@@ -412,12 +412,9 @@ def launch_local(cfg: Config, run_dir: Path, resume: bool) -> int:
         if signals:
             return _report_interrupt(run_dir, cfg.workers, min(signals))
         if NONFINITE_EXIT in codes:
-            print(
-                "commsgd: error: training stopped on non-finite values (see the messages above)",
-                file=sys.stderr,
-            )
+            say("commsgd: error: training stopped on non-finite values (see the messages above)")
             return NONFINITE_EXIT
-        print(describe_failure(exc, cfg.cluster.max_restarts, run_dir), file=sys.stderr)
+        say(describe_failure(exc, cfg.cluster.max_restarts, run_dir))
         return 1
     finally:
         for sig, handler in handlers.items():
@@ -464,5 +461,5 @@ def _report_interrupt(run_dir: Path, workers: int, signum: int) -> int:
     """The one line for a run stopped by `signum`, and its exit code (130 SIGINT, 143 SIGTERM)."""
     from commsgd.interrupt import common_checkpoint, exit_code, interrupted_line
 
-    print(interrupted_line(run_dir, common_checkpoint(run_dir, workers)), file=sys.stderr)
+    say(interrupted_line(run_dir, common_checkpoint(run_dir, workers)))
     return exit_code(signum)

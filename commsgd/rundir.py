@@ -21,13 +21,12 @@ import fcntl
 import os
 import secrets
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from commsgd.config import shown
-from commsgd.errors import ConfigError
+from commsgd.errors import ConfigError, say
 
 LOCK_NAME = ".lock"
 #: errno values of file systems that cannot lock files: the run goes on, with a warning
@@ -106,11 +105,9 @@ def locked(run_dir: Path, what: str = "out") -> Iterator[None]:
         except OSError as exc:
             if exc.errno not in _NO_LOCKS:
                 raise path_problem(what, run_dir, exc) from None
-            print(
+            say(
                 f"commsgd: warning: {what}: {shown_path(run_dir)}: this file system cannot lock files "
-                f"({exc.strerror}); nothing keeps another run out of this directory",
-                file=sys.stderr,
-                flush=True,
+                f"({exc.strerror}); nothing keeps another run out of this directory"
             )
         with contextlib.suppress(OSError):  # who holds it, for the message of a refused run
             os.ftruncate(fd, 0)

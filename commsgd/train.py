@@ -14,7 +14,6 @@ import json
 import os
 import random
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from commsgd.algorithms.base import MiniBatch, Slowdown
 from commsgd.api import CommOptimizer, NonFiniteError
 from commsgd.config import DEFAULT_STEPS, Config, save_config, to_dict
 from commsgd.context import WorkerContext, create_context
-from commsgd.errors import CheckpointError, ConfigError, UserError, WorkerError
+from commsgd.errors import CheckpointError, ConfigError, UserError, WorkerError, say
 from commsgd.interrupt import TIME_LIMIT, Interrupted, StopAgreement
 from commsgd.jobclock import JobClock
 from commsgd.metrics import JsonlLog, mean, peak_memory_mb, summary_table, write_json_atomic
@@ -176,7 +175,7 @@ class Trainer:
             warnings.simplefilter("always")
             mine = checkpoint.loadable_steps(self.run_dir, ctx.rank, max(1, len(files)))
         for problem in problems:  # a truncated, corrupt or unsafe file: said once per file, then skipped
-            print(f"commsgd: warning: rank {ctx.rank}: {problem.message}", file=sys.stderr, flush=True)
+            say(f"commsgd: warning: rank {ctx.rank}: {problem.message}")
             ctx.log_event({"event": "checkpoint_skipped", "rank": ctx.rank, "reason": str(problem.message)})
         finished = checkpoint.recorded_complete(self.run_dir, ctx.rank)
         with ctx.comm.meter.in_phase("control"):
@@ -197,17 +196,11 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         if ctx.is_main:
             self.evals.truncate_after(self.step)  # rank 0 records evaluations at its own steps
-            print(
-                f"commsgd: resumed from the checkpoint of step {label} (attempt {ctx.restart_count})",
-                file=sys.stderr,
-                flush=True,
-            )
+            say(f"commsgd: resumed from the checkpoint of step {label} (attempt {ctx.restart_count})")
         if not checkpoint.has_checksum(path):
-            print(
+            say(
                 f"commsgd: warning: rank {ctx.rank}: checkpoint {path} has no checksum (written by an "
-                "older commsgd); loaded without verifying its bytes",
-                file=sys.stderr,
-                flush=True,
+                "older commsgd); loaded without verifying its bytes"
             )
         ctx.log_event(
             {"event": "restored", "step": label, "local_step": self.step, "attempt": ctx.restart_count}
@@ -222,11 +215,7 @@ class Trainer:
                 why = "no checkpoint was finished by every worker yet"
             else:
                 why = "no checkpoint was written yet"
-            print(
-                f"commsgd: warning: restarting from step 0: {why} (attempt {ctx.restart_count})",
-                file=sys.stderr,
-                flush=True,
-            )
+            say(f"commsgd: warning: restarting from step 0: {why} (attempt {ctx.restart_count})")
         checkpoint.discard_newer(self.run_dir, ctx.rank, 0)
 
     def _load(self, path: Path) -> str | None:

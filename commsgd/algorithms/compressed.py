@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import sys
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from commsgd.compression import (
     unpack_signs,
 )
 from commsgd.config import OptimConfig, bounded
-from commsgd.errors import ConfigError
+from commsgd.errors import ConfigError, say
 from commsgd.flat import parameters_of
 
 if TYPE_CHECKING:
@@ -227,11 +226,7 @@ class Traffic:
 def compression_failed(ctx: WorkerContext, step: int, exc: Exception) -> None:
     """Say that this worker's compression failed at `step` (the step then fails on every worker)."""
     ctx.log_event({"event": "compression_failed", "step": step, "rank": ctx.rank, "reason": str(exc)})
-    print(
-        f"commsgd: warning: rank {ctx.rank}: {exc} at step {step}; the step fails on every worker",
-        file=sys.stderr,
-        flush=True,
-    )
+    say(f"commsgd: warning: rank {ctx.rank}: {exc} at step {step}; the step fails on every worker")
 
 
 def load_into(name: str, target: Tensor, source: Tensor) -> None:

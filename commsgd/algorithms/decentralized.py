@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,7 +35,7 @@ from commsgd.algorithms.stragglers import StragglerMode, Stragglers, gradient_by
 from commsgd.comm import Pending
 from commsgd.compression import get as get_compressor
 from commsgd.config import OptimConfig, bounded
-from commsgd.errors import ConfigError
+from commsgd.errors import ConfigError, say
 from commsgd.flat import parameters_of
 from commsgd.topology import TOPOLOGIES, Topology, build_topology, load_weights
 
@@ -287,11 +286,9 @@ class QDSGD(Decentralized):
         self._decay = take_weight_decay(optimizer, self._params)
         momentum = max([self._configured_momentum] + [g.get("momentum", 0.0) for g in optimizer.param_groups])
         if momentum and ctx.rank == 0:
-            print(
+            say(
                 f"commsgd: warning: {self.name}: momentum {momentum:g} is not used: the Q-DSGD update "
-                "x <- mix - alpha*eps*g has none (set optim.momentum=0 to silence this)",
-                file=sys.stderr,
-                flush=True,
+                "x <- mix - alpha*eps*g has none (set optim.momentum=0 to silence this)"
             )
 
     def should_stop(self, step: int, total_steps: int) -> bool:

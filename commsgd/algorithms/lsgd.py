@@ -27,7 +27,6 @@ the (global) leader (`evaluate: leader`). Every round's choice is logged to the 
 from __future__ import annotations
 
 import math
-import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ import torch
 from commsgd.algorithms.base import register
 from commsgd.algorithms.pull import Buffers, RoundAlgorithm, average_of_workers, swapped_in
 from commsgd.config import bounded
-from commsgd.errors import ConfigError
+from commsgd.errors import ConfigError, say
 
 if TYPE_CHECKING:
     from commsgd.comm import CommGroup
@@ -139,12 +138,10 @@ class LSGD(RoundAlgorithm):
                 given = {"tau_global": p.tau_global, "pull_global": p.pull_global}
                 note = [f"{k}={v}" for k, v in given.items() if v is not None]
                 if note:
-                    print(
+                    say(
                         f"commsgd: warning: lsgd: every node has one worker, so leaders=node has one level: "
                         f"a leader of all workers every tau={p.tau} steps with pull={p.pull}; "
-                        f"{', '.join(note)} not used",
-                        file=sys.stderr,
-                        flush=True,
+                        f"{', '.join(note)} not used"
                     )
         self.levels = [lv for lv in levels if lv.group.size > 1]  # a group of one has nobody to pull
         self._periods = [lv.period for lv in self.levels] or [p.tau]

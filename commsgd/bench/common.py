@@ -175,31 +175,35 @@ def run_subprocess(env: BenchEnv, bench: str, job: Job, timeout_s: float = 600) 
     return run
 
 
-def _batch_worker(jobs: list[tuple[str, dict[str, Any], str]], ports: list[int]) -> list[str]:
-    """In each of N spawned workers: run the jobs one after another in this process (one port each)."""
+def _batch_worker(jobs: list[tuple[str, dict[str, Any], str]]) -> list[str]:
+    """In each of N spawned workers: run the jobs one after another in this process.
+
+    Each job gets a port picked by rank 0 just before the job starts and handed to the others through
+    one store that lives for the whole batch (on the port the batch was started with): a port picked
+    minutes ahead may be taken by then.
+    """
+    import torch.distributed as dist
+
     from commsgd.config import Config, from_dict
+    from commsgd.launch import free_port
     from commsgd.train import run_worker
 
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0
+    )
     done = []
-    for (name, cfg_data, run_dir), port in zip(jobs, ports):
-        os.environ["MASTER_PORT"] = str(port)
+    for index, (name, cfg_data, run_dir) in enumerate(jobs):
+        key = f"port/{index}"
+        if rank == 0:
+            store.set(key, str(free_port()))
+        os.environ["MASTER_PORT"] = store.get(key).decode()
         cfg = from_dict(Config, cfg_data)
         log = Path(run_dir).parent / f"{name}.log"
         with log.open("a", encoding="utf-8") as handle, contextlib.redirect_stdout(handle):
             run_worker(cfg, Path(run_dir), False)
         done.append(name)
     return done
-
-
-def _unique_ports(count: int) -> list[int]:
-    from commsgd.launch import free_port
-
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
 
 
 def _error_line(exc: BaseException) -> str:
@@ -241,7 +245,7 @@ def run_batch(env: BenchEnv, bench: str, jobs: Sequence[Job]) -> dict[str, Run |
             error = ""
             try:
                 timeout = 60 + 60 * len(pending)
-                run_distributed(_batch_worker, workers, pending, _unique_ports(len(pending)), timeout=timeout)
+                run_distributed(_batch_worker, workers, pending, timeout=timeout)
             except (
                 Exception
             ) as exc:  # a job failed: the ones before it finished, the ones after it did not run

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import BinaryIO, TypeVar
 import numpy as np
 import torch
 
+from commsgd.errors import say
 from commsgd.files import write_atomically
 from commsgd.tasks.bundled import _safe_version, cache_dir
 from commsgd.tasks.cifar import cifar_transforms
@@ -153,10 +153,9 @@ def load_image_array(folder: ImageFolder) -> np.ndarray:
                     ),
                 )
             except OSError as exc:  # read-only or full cache disk: decode into memory instead
-                print(
+                say(
                     f"commsgd: warning: cannot write the image cache {path} ({exc.strerror or exc}); "
-                    "decoding into memory",
-                    file=sys.stderr,
+                    "decoding into memory"
                 )
             else:
                 cached = read_image_cache(path, count)
