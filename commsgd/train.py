@@ -483,6 +483,7 @@ class Trainer:
             "compute_s": round(self.compute_s, 6),
             "comm_s": round(c.comm_s, 6),
             "wait_s": round(c.wait_s, 6),
+            "collectives": c.calls,
         }
         self.metrics.write(record)
         if self.tensorboard is not None:

@@ -176,8 +176,9 @@ def test_compressor_table_parser() -> None:
 @pytest.mark.timeout(1500)
 def test_quick_suite_produces_reports_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    # lowcomm has its own tests (tests/test_bench_lowcomm.py): 18 runs, as long as the rest together
-    assert main(["bench", "all", "--quick", "--skip", "cluster", "lowcomm", "--out", str(out)]) == 0
+    # lowcomm and limit have their own tests (tests/test_bench_lowcomm.py, tests/test_bench_limit.py)
+    skip = ["cluster", "lowcomm", "limit"]
+    assert main(["bench", "all", "--quick", "--skip", *skip, "--out", str(out)]) == 0
     index = (out / "index.md").read_text()
     names = ["overhead", "bytes", "compressors", "powersgd", "paper", "scaling", "stragglers"]
     for name in names:

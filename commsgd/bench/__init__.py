@@ -2,7 +2,8 @@
 
     commsgd bench all --out benchmarks/results      the whole suite (about 20 minutes on 2 cores)
     commsgd bench all --quick                       tiny sizes: checks the pipeline in a couple of minutes
-    commsgd bench overhead | bytes | compressors | powersgd | paper | scaling | stragglers | cluster | lowcomm
+    commsgd bench overhead | bytes | compressors | powersgd | paper | scaling | stragglers | cluster
+    commsgd bench lowcomm | limit
 
 Without --out, results go to a new folder runs/<time>-bench-<name>[-quick]-<hex>: only an explicit
 --out writes the committed benchmarks/results, and a --quick run into a folder of full results is refused.
@@ -36,6 +37,7 @@ BENCHMARKS = {
     "stragglers": "commsgd.bench.stragglers",
     "cluster": "commsgd.bench.cluster",
     "lowcomm": "commsgd.bench.lowcomm",
+    "limit": "commsgd.bench.limit",
 }
 
 _PARSERS: dict[str, argparse.ArgumentParser] = {}

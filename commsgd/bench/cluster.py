@@ -218,12 +218,15 @@ class ClusterPlan:
     def teardown_commands(self) -> list[list[str]]:
         return [["ip", "netns", "del", ns] for ns in self.namespaces]
 
-    def torchrun(self, node: int, train_argv: Sequence[str]) -> list[str]:
+    def torchrun(self, node: int, train_argv: Sequence[str], module: str = "commsgd") -> list[str]:
         """torchrun (as `python -m torch.distributed.run`) for one node, pinned to the node's cores with
-        `taskset -c` (its workers inherit the mask); `train_argv` starts with "train" and gets the node's
-        `cluster.threads` unless it sets cluster.threads itself."""
+        `taskset -c` (its workers inherit the mask), running `python -m module train_argv`; for commsgd,
+        `train_argv` starts with "train" and gets the node's `cluster.threads` unless it sets
+        cluster.threads itself."""
         share = self.shares[node]
-        threads = [] if given_threads(train_argv) else [f"cluster.threads={share.threads}"]
+        threads = (
+            [] if module != "commsgd" or given_threads(train_argv) else [f"cluster.threads={share.threads}"]
+        )
         return [
             "taskset",
             "-c",
@@ -250,7 +253,7 @@ class ClusterPlan:
             "--max-restarts",
             "0",
             "-m",
-            "commsgd",
+            module,
             *train_argv,
             *threads,
         ]
@@ -450,13 +453,55 @@ class Cluster:
             with contextlib.suppress(IndexError, ValueError, KeyError, ZeroDivisionError):
                 stats = json.loads(lines[-1])
                 result[f"{name}_gbps"] = stats["bytes"] * 8 / stats["seconds"] / 1e9
+        if self.plan.nodes > 1:
+            rtt = self._linktest(
+                ["echo", self.plan.address(0), "5202"], ["ping", self.plan.address(0), "5202", "200"]
+            )
+            if "rtt_s" in rtt:
+                result["link_rtt_s"] = float(rtt["rtt_s"])
         return result
 
-    def run_train(self, run_dir: Path, train_argv: Sequence[str], timeout_s: float) -> tuple[int, float]:
-        """One torchrun per node running `commsgd train`; (exit code, seconds). Kills all on failure."""
+    def _linktest(self, server_args: list[str], client_args: list[str]) -> dict[str, Any]:
+        """linktest.py with `server_args` on node 0 and `client_args` on node 1: the client's JSON line."""
+        script = str(Path(__file__).with_name("linktest.py"))
+        name = client_args[0]
+        server = self.start(
+            0, [sys.executable, script, *server_args], self.log_dir / f"linktest-{name}-server.log"
+        )
+        client = self.start(1, [sys.executable, script, *client_args], self.log_dir / f"linktest-{name}.log")
+        try:
+            client.wait(timeout=60)
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            return {}
+        lines = (self.log_dir / f"linktest-{name}.log").read_text(encoding="utf-8").strip().splitlines()
+        try:
+            found = json.loads(lines[-1])
+        except (IndexError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def collective_latency(self, count: int = 200) -> float | None:
+        """Median seconds of a one-float all-reduce of all nodes' workers (`commsgd.bench.latency`)."""
+        out = self.log_dir / f"latency-{self.plan.tag}-{self.plan.gbps:g}gbps.json"
+        out.unlink(missing_ok=True)
+        code, _ = self.run_train(
+            out.with_suffix(""), [str(out), str(count)], 120, module="commsgd.bench.latency"
+        )
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return float(json.loads(out.read_text(encoding="utf-8"))["all_reduce_s"]) if code == 0 else None
+        return None
+
+    def run_train(
+        self, run_dir: Path, train_argv: Sequence[str], timeout_s: float, module: str = "commsgd"
+    ) -> tuple[int, float]:
+        """One torchrun per node running `python -m module train_argv` (`commsgd train`); (exit code,
+        seconds). Kills all on failure."""
         start = time.perf_counter()
         procs = [
-            self.start(k, self.plan.torchrun(k, train_argv), run_dir.parent / f"{run_dir.name}.node{k}.log")
+            self.start(
+                k, self.plan.torchrun(k, train_argv, module), run_dir.parent / f"{run_dir.name}.node{k}.log"
+            )
             for k in range(self.plan.nodes)
         ]
         code, deadline, look_at = 0, time.monotonic() + timeout_s, 0.0

@@ -1,0 +1,410 @@
+"""limit: every algorithm that compresses gradients or averages models, against the physical limit of its
+link, on the emulated cluster (2 nodes x 1 worker, tbf-shaped veth links, each node on its own core).
+
+    commsgd bench limit --data-dir ../shared/data/cifar10-jpeg        ResNet-20 and VGG16, 0.1 and 1 Gbit/s
+
+For each model, link rate and algorithm, from the steps after the warm-up (the slower worker's clock):
+
+- step: seconds per training step;
+- compute-only: the step of local SGD with no averaging round in the run (same model, batch, node,
+  threads, data; no communication) - what the step would cost over an infinitely fast link;
+- bound: compute-only + bytes sent per step / link rate + latency x collectives per step, with the rate
+  of one TCP stream across the shaped link and the latency of a one-float all-reduce of the two workers
+  (`commsgd.bench.latency`, through commsgd's communication layer), both measured on the cluster;
+- step / bound: 1.0 is the physical limit of a step that does not overlap communication with compute;
+- step / max: step / max(compute-only, bytes / rate), the limit of a step whose communication hides
+  behind the backward pass;
+- x allreduce: step / all-reduce SGD's step at the same rate.
+
+Periodic methods (local SGD, EASGD, LSGD) average every `--tau` steps, so their step is the mean over
+rounds and the steps between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from commsgd.bench.cluster import ClusterUnavailable
+from commsgd.bench.common import BenchEnv, Job, add_reuse_argument, available, reuse_runs, write_result
+from commsgd.errors import ConfigError
+from commsgd.metrics import human_bytes, write_json_atomic
+from commsgd.report import Run, md_table
+
+TITLE = "Compressed and low-communication algorithms against the physical limit of the link"
+
+#: the reference run: local SGD whose period is longer than any run, so it never communicates
+COMPUTE = "compute-only"
+NO_ROUND = 10**6
+NODES = 2
+
+#: (algorithm, its parameters) in the order of the table; the first is the reference of "x allreduce"
+ALGORITHMS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("allreduce", ()),
+    ("powersgd", ()),
+    ("dist_ef_sgd", ()),
+    ("signum", ()),
+    ("ef_sgd", ()),
+    ("qsgd", ()),
+    ("topk", ()),
+    ("randomk", ()),
+    ("fp16", ()),
+    ("local_sgd", ("tau",)),
+    ("easgd", ("tau",)),
+    ("lsgd", ("tau",)),
+    ("dpsgd", ()),
+)
+QUICK_ALGORITHMS = ("allreduce", "powersgd", "local_sgd")
+#: the gradient compressors among them (the goal "<= 0.5x all-reduce SGD at 0.1 Gbit/s" is theirs)
+COMPRESSED = frozenset({"powersgd", "dist_ef_sgd", "signum", "ef_sgd", "qsgd", "topk", "randomk", "fp16"})
+
+
+@dataclass(frozen=True)
+class Model:
+    """A compared model with its per-worker batch and its warm-up and timed steps."""
+
+    name: str
+    batch: int
+    warmup: int
+    timed: int
+
+
+FULL_MODELS = {"resnet20": Model("resnet20", 32, 4, 16), "vgg16": Model("vgg16", 32, 2, 8)}
+QUICK_MODEL = Model("mlp", 32, 2, 4)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted(FULL_MODELS), default=list(FULL_MODELS), help="default both"
+    )
+    parser.add_argument("--gbps", type=float, nargs="+", default=[0.1, 1.0], help="link rates (0.1 1)")
+    parser.add_argument(
+        "--algorithms", nargs="+", metavar="ALGO", help="a subset of the compared algorithms (default all)"
+    )
+    parser.add_argument("--tau", type=int, default=4, help="period of local SGD, EASGD and LSGD (4)")
+    add_reuse_argument(parser)
+
+
+def run_name(model: str, gbps: float, label: str) -> str:
+    return f"{model}-{gbps:g}gbps-{label}"
+
+
+def jobs_for(
+    env: BenchEnv, model: Model, gbps: float, algorithms: Sequence[str], tau: int
+) -> list[tuple[str, Job]]:
+    """(label, job) of the compute-only reference and of every compared algorithm at one link rate."""
+    steps = model.warmup + model.timed
+    if env.quick:
+        task = ["model=mlp", "data.dataset=digits"]
+    else:
+        data = env.data_dir or ""
+        dataset = "cifar10" if (Path(data) / "cifar-10-batches-py").is_dir() else "imagefolder"
+        task = [f"model={model.name}", f"data.dataset={dataset}", f"data.data_dir={data}"]
+    base = [
+        *task,
+        f"data.batch_size={model.batch}",
+        "data.test_samples=256",
+        f"eval_every={steps + 1}",  # one evaluation, after the last step
+        "checkpoint_every=0",
+    ]
+    params = dict(ALGORITHMS)
+    out = [
+        (
+            COMPUTE,
+            Job(
+                run_name(model.name, gbps, COMPUTE),
+                "local_sgd",
+                NODES,
+                steps,
+                [*base, f"algo.tau={NO_ROUND}"],
+            ),
+        )
+    ]
+    for algo in algorithms:
+        extra = [f"algo.tau={tau}"] if "tau" in params.get(algo, ()) else []
+        out.append((algo, Job(run_name(model.name, gbps, algo), algo, NODES, steps, [*base, *extra])))
+    return out
+
+
+# --------------------------------------------------------------------------------------- numbers
+
+
+@dataclass(frozen=True)
+class Pace:
+    """One run's cost per step after the warm-up: the slower worker's seconds and its traffic."""
+
+    step_s: float
+    bytes_sent: float
+    collectives: float
+
+
+def pace(run: Run, warmup: int) -> Pace | None:
+    """Per-step seconds, bytes sent and collectives between step `warmup` and the last step, the maximum
+    over workers (the job moves at its slowest worker's pace); None without both steps in the metrics."""
+    per_rank = []
+    for records in run.metrics.values():
+        rows = {r["step"]: r for r in records if isinstance(r.get("step"), int)}
+        if warmup not in rows or not rows or max(rows) <= warmup:
+            return None
+        first, last = rows[warmup], rows[max(rows)]
+        steps = last["step"] - warmup
+        per_rank.append(
+            Pace(
+                (float(last["wall_s"]) - float(first["wall_s"])) / steps,
+                (float(last["bytes_sent"]) - float(first["bytes_sent"])) / steps,
+                (float(last.get("collectives", 0)) - float(first.get("collectives", 0))) / steps,
+            )
+        )
+    if not per_rank:
+        return None
+    return Pace(*(max(getattr(p, f) for p in per_rank) for f in ("step_s", "bytes_sent", "collectives")))
+
+
+@dataclass(frozen=True)
+class Link:
+    """What the shaped link does, as measured: one TCP stream's rate, and the latency of a collective (a
+    one-float all-reduce through commsgd; where it was not measured, a 64-byte TCP round trip)."""
+
+    gbps: float
+    latency_s: float
+
+    def transfer_s(self, nbytes: float) -> float:
+        return nbytes * 8 / (self.gbps * 1e9)
+
+
+def bound_s(compute_s: float, p: Pace, link: Link) -> float:
+    """The physical limit of a step that does not overlap: compute, then the bytes, then the latencies."""
+    return compute_s + link.transfer_s(p.bytes_sent) + link.latency_s * p.collectives
+
+
+def overlap_bound_s(compute_s: float, p: Pace, link: Link) -> float:
+    """The limit of a step whose communication hides behind its compute."""
+    return max(compute_s, link.transfer_s(p.bytes_sent))
+
+
+@dataclass
+class Row:
+    model: str
+    gbps: float
+    algorithm: str
+    pace: Pace
+    compute_s: float
+    link: Link
+    allreduce_s: float | None
+
+    @property
+    def bound_s(self) -> float:
+        return bound_s(self.compute_s, self.pace, self.link)
+
+    @property
+    def to_bound(self) -> float:
+        """step / bound: 1.0 is the physical limit."""
+        return self.pace.step_s / self.bound_s
+
+    @property
+    def to_overlap_bound(self) -> float:
+        return self.pace.step_s / overlap_bound_s(self.compute_s, self.pace, self.link)
+
+    @property
+    def x_allreduce(self) -> float | None:
+        return self.pace.step_s / self.allreduce_s if self.allreduce_s else None
+
+    def cells(self) -> list[str]:
+        x = self.x_allreduce
+        return [
+            f"{self.gbps:g} Gbit/s",
+            self.algorithm,
+            f"{self.pace.step_s * 1e3:.0f}",
+            f"{self.compute_s * 1e3:.0f}",
+            human_bytes(self.pace.bytes_sent),
+            f"{self.pace.collectives:.1f}",
+            f"{self.bound_s * 1e3:.0f}",
+            f"{self.to_bound:.2f}",
+            f"{self.to_overlap_bound:.2f}",
+            "—" if x is None else f"{x:.2f}",
+        ]
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "gbps": self.gbps,
+            "algorithm": self.algorithm,
+            "step_s": self.pace.step_s,
+            "compute_only_s": self.compute_s,
+            "bytes_per_step": self.pace.bytes_sent,
+            "collectives_per_step": self.pace.collectives,
+            "bound_s": self.bound_s,
+            "step_to_bound": self.to_bound,
+            "step_to_overlap_bound": self.to_overlap_bound,
+            "x_allreduce": self.x_allreduce,
+            "link_gbps": self.link.gbps,
+            "link_latency_s": self.link.latency_s,
+        }
+
+
+HEADERS = [
+    "link",
+    "algorithm",
+    "step (ms)",
+    "compute-only (ms)",
+    "bytes / step",
+    "collectives / step",
+    "bound (ms)",
+    "step / bound",
+    "step / max",
+    "x allreduce",
+]
+
+
+# --------------------------------------------------------------------------------------- running
+
+
+def _link_file(env: BenchEnv, model: str, gbps: float) -> Path:
+    return env.runs_dir("limit") / f"link-{model}-{gbps:g}gbps.json"
+
+
+def _train(
+    env: BenchEnv, model: Model, gbps: float, jobs: Sequence[tuple[str, Job]]
+) -> dict[str, Run | None]:
+    """Every job of one rate on one emulated cluster; the link's measurement saved next to the runs."""
+    from commsgd.bench.cluster import ClusterPlan, cluster, train_on  # root and iproute2: only here
+
+    runs: dict[str, Run | None] = {}
+    with cluster(ClusterPlan(f"{os.getpid()}", NODES, gbps, 1), env.runs_dir("limit")) as c:
+        note = f"limit: emulated cluster of {NODES} nodes x 1: {c.plan.sharing}"
+        if note not in env.notes:
+            env.note(note)
+        measured: dict[str, Any] = {**c.measure_link(), "all_reduce_s": c.collective_latency()}
+        env.runs_dir("limit").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(_link_file(env, model.name, gbps), {"nominal_gbps": gbps, **measured})
+        for label, job in jobs:
+            runs[label] = train_on(c, env, "limit", job).run
+    return runs
+
+
+def _link(env: BenchEnv, model: str, gbps: float) -> Link:
+    """The measured link of a rate (the nominal rate and no latency where it was not measured)."""
+    path = _link_file(env, model, gbps)
+    found = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if "link_gbps" not in found:
+        env.note(f"limit: the {gbps:g} Gbit/s link of {model} was not measured; the nominal rate is used")
+    latency = found.get("all_reduce_s") or found.get("link_rtt_s")
+    if latency is None:
+        env.note(f"limit: the latency of the {gbps:g} Gbit/s link of {model} was not measured; 0 is used")
+    return Link(float(found.get("link_gbps", gbps)), float(latency or 0.0))
+
+
+def rows_for(env: BenchEnv, model: Model, gbps: float, runs: dict[str, Run | None], link: Link) -> list[Row]:
+    reference = runs.get(COMPUTE)
+    compute = pace(reference, model.warmup) if reference is not None else None
+    if compute is None:
+        env.note(f"limit: {model.name} at {gbps:g} Gbit/s: the compute-only run did not finish; no rows")
+        return []
+    paces = {label: pace(r, model.warmup) for label, r in runs.items() if r is not None and label != COMPUTE}
+    allreduce = paces.get("allreduce")
+    rows = []
+    for label, p in paces.items():
+        if p is None:
+            env.note(f"limit: {run_name(model.name, gbps, label)}: too few steps in its metrics")
+            continue
+        rows.append(
+            Row(model.name, gbps, label, p, compute.step_s, link, allreduce.step_s if allreduce else None)
+        )
+    return rows
+
+
+def verdicts(rows: Sequence[Row]) -> list[str]:
+    """The goals, each with what was measured."""
+    lines = []
+    for model in sorted({r.model for r in rows}):
+        for gbps, goal in ((0.1, 0.5), (1.0, 1.0)):
+            these = [r for r in rows if r.model == model and r.gbps == gbps and r.algorithm in COMPRESSED]
+            if not these or these[0].x_allreduce is None:
+                continue
+            over = [f"{r.algorithm} {r.x_allreduce:.2f}x" for r in these if (r.x_allreduce or 0) > goal]
+            lines.append(
+                f"- {model}, {gbps:g} Gbit/s: compressed steps <= {goal:g}x all-reduce SGD's: "
+                + ("all" if not over else f"not met by {', '.join(over)}")
+            )
+        mine = [r for r in rows if r.model == model]
+        worst = max(mine, key=lambda r: r.to_bound)
+        lines.append(
+            f"- {model}: step / bound from {min(r.to_bound for r in mine):.2f} to {worst.to_bound:.2f} "
+            f"({worst.algorithm} at {worst.gbps:g} Gbit/s); goal <= 1.1"
+        )
+    return lines
+
+
+def run(env: BenchEnv, args: argparse.Namespace) -> str:
+    start = time.perf_counter()
+    if getattr(args, "in_suite", False) and not env.quick:
+        env.note("limit: not part of the full suite (about 20 minutes); run `commsgd bench limit`")
+        return "not run in the suite: `commsgd bench limit --data-dir DIR` on its own (about 20 minutes)"
+    if not env.quick and not env.data_dir:
+        raise ConfigError(
+            "bench limit: needs --data-dir (e.g. ../shared/data/cifar10-jpeg); --quick runs without"
+        )
+    if args.tau < 1 or not args.gbps or min(args.gbps) <= 0:
+        raise ConfigError("bench limit: --tau must be at least 1 and --gbps positive")
+    names = [a for a, _ in ALGORITHMS]
+    unknown = sorted(set(args.algorithms or []) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"bench limit: --algorithms: {', '.join(unknown)} not compared here (one of {', '.join(names)})"
+        )
+    chosen = args.algorithms or (list(QUICK_ALGORITHMS) if env.quick else names)
+    algorithms = available(env, [a for a in names if a in chosen], "limit")
+    models = [QUICK_MODEL] if env.quick else [FULL_MODELS[m] for m in args.models]
+    rates = args.gbps[:1] if env.quick else args.gbps
+    rows: list[Row] = []
+    for model in models:
+        for gbps in rates:
+            jobs = jobs_for(env, model, gbps, algorithms, args.tau)
+            if args.reuse:
+                found = reuse_runs(env, "limit", [j for _, j in jobs])
+                runs = {label: found.get(job.name) for label, job in jobs}
+            else:
+                try:
+                    runs = _train(env, model, gbps, jobs)
+                except ClusterUnavailable as exc:  # in `bench all`, a note; alone, the one-line error
+                    if not getattr(args, "in_suite", False):
+                        raise
+                    write_result(env, "limit", TITLE, f"Not available on this machine: {exc}", {"rows": []})
+                    return f"not available: {exc}"
+            rows.extend(rows_for(env, model, gbps, runs, _link(env, model.name, gbps)))
+    if not rows:
+        write_result(env, "limit", TITLE, "No run finished; see the notes.", {"rows": []})
+        return "no run finished"
+    body = [
+        f"{NODES} nodes x 1 worker, one emulated node per core, tbf-shaped links. Steps after the warm-up "
+        "(the slower worker): "
+        + "; ".join(f"{m.name} batch {m.batch}, {m.warmup} warm-up + {m.timed} timed steps" for m in models)
+        + f". Local SGD, EASGD and LSGD average every {args.tau} steps. Links as measured (rate: one TCP "
+        "stream; latency: the median one-float all-reduce through commsgd): "
+        + "; ".join(
+            sorted(
+                {
+                    f"{r.gbps:g} Gbit/s: {r.link.gbps:.3f} Gbit/s, {r.link.latency_s * 1e6:.0f} us"
+                    for r in rows
+                }
+            )
+        )
+        + ".",
+        "",
+        *verdicts(rows),
+    ]
+    for model in models:
+        these = [r for r in rows if r.model == model.name]
+        if these:
+            body += ["", f"## {model.name}", "", md_table(HEADERS, [r.cells() for r in these])]
+    seconds = time.perf_counter() - start
+    write_result(env, "limit", TITLE, "\n".join(body), {"rows": [r.data() for r in rows]}, seconds)
+    worst = max(rows, key=lambda r: r.to_bound)
+    where = f"{worst.algorithm}, {worst.model}, {worst.gbps:g} Gbit/s"
+    return f"{len(rows)} runs; step / bound up to {worst.to_bound:.2f} ({where})"

@@ -1,0 +1,212 @@
+"""`commsgd bench limit`: per-step pace from the metrics, the physical bound, the table and the goals, the
+link probes, bad options; one quick run on the emulated cluster where this machine can host it. Nothing
+here asserts a timing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from commsgd.bench import cluster as cl
+from commsgd.bench import limit
+from commsgd.bench.common import BenchEnv
+from commsgd.bench.latency import main as latency_main
+from commsgd.bench.linktest import echo, ping
+from commsgd.cli import main
+from commsgd.report import Run
+from commsgd.testing import run_distributed
+
+
+def _run(per_rank: dict[int, list[tuple[int, float, float, int]]]) -> Run:
+    """A Run whose metrics hold (step, wall_s, bytes_sent, collectives) per rank."""
+    metrics = {
+        rank: [{"step": s, "wall_s": w, "bytes_sent": b, "collectives": c} for s, w, b, c in rows]
+        for rank, rows in per_rank.items()
+    }
+    return Run(Path("."), "r", {}, {}, [], metrics, {})
+
+
+def test_pace_is_the_slower_worker_after_the_warm_up() -> None:
+    run = _run(
+        {
+            0: [(1, 5.0, 100, 1), (2, 6.0, 200, 2), (6, 10.0, 600, 10)],
+            1: [(1, 5.0, 100, 1), (2, 6.5, 200, 2), (6, 12.5, 1000, 6)],
+        }
+    )
+    p = limit.pace(run, warmup=2)
+    assert p == limit.Pace(step_s=1.5, bytes_sent=200.0, collectives=2.0)
+
+
+def test_pace_needs_steps_after_the_warm_up() -> None:
+    assert limit.pace(_run({0: [(1, 1.0, 0, 0), (2, 2.0, 0, 0)]}), warmup=2) is None
+    assert limit.pace(_run({0: [(3, 1.0, 0, 0), (4, 2.0, 0, 0)]}), warmup=2) is None
+
+
+def test_bound_adds_compute_transfer_and_latencies_and_the_overlap_bound_takes_the_larger() -> None:
+    link = limit.Link(gbps=0.1, latency_s=1e-4)
+    p = limit.Pace(step_s=0.25, bytes_sent=1.25e6, collectives=3)  # 1.25 MB at 0.1 Gbit/s: 0.1 s
+    assert limit.bound_s(0.1, p, link) == pytest.approx(0.1 + 0.1 + 3e-4)
+    assert limit.overlap_bound_s(0.1, p, link) == pytest.approx(0.1)
+    assert limit.overlap_bound_s(0.3, p, link) == pytest.approx(0.3)
+    row = limit.Row("m", 0.1, "powersgd", p, 0.1, link, allreduce_s=0.5)
+    assert row.to_bound == pytest.approx(0.25 / 0.2003)
+    assert row.to_overlap_bound == pytest.approx(2.5)
+    assert row.x_allreduce == pytest.approx(0.5)
+    assert row.cells()[:3] == ["0.1 Gbit/s", "powersgd", "250"]
+
+
+def test_rows_compare_with_all_reduce_and_the_goals_name_what_misses_them(tmp_path: Path) -> None:
+    env = BenchEnv(tmp_path, quick=True)
+    model = limit.Model("m", 32, 1, 2)
+    link = limit.Link(0.1, 0.0)
+    runs = {
+        limit.COMPUTE: _run({0: [(1, 0.0, 0, 0), (3, 0.2, 0, 0)]}),
+        "allreduce": _run({0: [(1, 0.0, 0, 0), (3, 1.0, 2.5e6, 2)]}),
+        "powersgd": _run({0: [(1, 0.0, 0, 0), (3, 0.4, 1e5, 6)]}),
+        "topk": _run({0: [(1, 0.0, 0, 0), (3, 0.6, 1e5, 2)]}),
+        "lsgd": None,
+    }
+    rows = limit.rows_for(env, model, 0.1, runs, link)
+    assert [r.algorithm for r in rows] == ["allreduce", "powersgd", "topk"]
+    assert {r.algorithm: r.x_allreduce for r in rows} == pytest.approx(
+        {"allreduce": 1, "powersgd": 0.4, "topk": 0.6}
+    )
+    assert all(r.compute_s == pytest.approx(0.1) for r in rows)
+    lines = limit.verdicts(rows)
+    assert lines[0] == "- m, 0.1 Gbit/s: compressed steps <= 0.5x all-reduce SGD's: not met by topk 0.60x"
+    assert "goal <= 1.1" in lines[1]
+
+
+def test_without_the_compute_only_run_there_are_no_rows_and_a_note(tmp_path: Path) -> None:
+    env = BenchEnv(tmp_path, quick=True)
+    rows = limit.rows_for(env, limit.Model("m", 32, 1, 2), 1.0, {limit.COMPUTE: None}, limit.Link(1, 0))
+    assert rows == [] and "compute-only run did not finish" in env.notes[0]
+
+
+def test_jobs_give_the_periodic_methods_tau_and_the_reference_no_round(tmp_path: Path) -> None:
+    env = BenchEnv(tmp_path, quick=False, data_dir="/data/cifar")
+    jobs = dict(limit.jobs_for(env, limit.FULL_MODELS["resnet20"], 0.1, ["allreduce", "lsgd"], tau=4))
+    assert list(jobs) == [limit.COMPUTE, "allreduce", "lsgd"]
+    reference = jobs[limit.COMPUTE]
+    assert reference.algorithm == "local_sgd" and f"algo.tau={limit.NO_ROUND}" in reference.overrides
+    assert "algo.tau=4" in jobs["lsgd"].overrides
+    assert not any(o.startswith("algo.") for o in jobs["allreduce"].overrides)
+    steps = reference.steps
+    assert steps == 20 and f"eval_every={steps + 1}" in reference.overrides
+    assert {"model=resnet20", "data.dataset=imagefolder", "data.data_dir=/data/cifar"} <= set(
+        reference.overrides
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        ([], "needs --data-dir"),
+        (["--quick", "--algorithms", "nope"], "nope not compared here"),
+        (["--quick", "--tau", "0"], "--tau must be at least 1"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    assert main(["bench", "limit", "--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([ln for ln in err if ln.startswith("commsgd: error:")]) == 1 and says in err[-1]
+
+
+def test_without_root_it_is_one_line_alone_and_a_note_in_the_suite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cl.os, "geteuid", lambda: 1000)
+    assert main(["bench", "limit", "--quick", "--out", str(tmp_path / "a")]) == 2
+    assert "needs root" in capsys.readouterr().err
+    env = BenchEnv(tmp_path / "b", quick=True)
+    args = argparse.Namespace(
+        models=["resnet20"], gbps=[1.0], algorithms=None, tau=4, reuse=False, in_suite=True
+    )
+    assert limit.run(env, args).startswith("not available")
+    assert "Not available" in (tmp_path / "b" / "limit.md").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ping_measures_round_trips_against_the_echo_server() -> None:
+    port = _free_port()
+    server = threading.Thread(target=echo, args=("127.0.0.1", port), daemon=True)
+    server.start()
+    found = ping("127.0.0.1", port, 50)
+    server.join(timeout=10)
+    assert found["count"] == 50 and 0 < found["rtt_s"] < 1.0
+    assert not server.is_alive()  # the echo server ends when the client closes
+
+
+def _latency(out: str) -> int:
+    return latency_main([out, "30"])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_collective_latency_probe_writes_the_median_all_reduce(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    assert run_distributed(_latency, 2, str(out)) == [0, 0]
+    found = json.loads(out.read_text())
+    assert found["count"] == 30 and found["world_size"] == 2 and 0 < found["all_reduce_s"] < 1.0
+
+
+def _cluster_here() -> str | None:
+    try:
+        cl.check_support()
+    except cl.ClusterUnavailable as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_run_on_the_cluster_writes_the_table_with_measured_links(tmp_path: Path) -> None:
+    reason = _cluster_here()
+    if reason is not None:
+        pytest.skip(f"no emulated cluster here: {reason}")
+    out = tmp_path / "out"
+    assert main(["bench", "limit", "--quick", "--algorithms", "allreduce", "--out", str(out)]) == 0
+    data: dict[str, Any] = json.loads((out / "limit.json").read_text())
+    (row,) = data["rows"]
+    assert row["algorithm"] == "allreduce" and row["gbps"] == 0.1
+    assert row["collectives_per_step"] >= 1 and row["bytes_per_step"] > 0
+    assert 0.05 < row["link_gbps"] < 0.15 and row["link_latency_s"] > 0
+    assert row["step_s"] > row["compute_only_s"] > 0
+    text = (out / "limit.md").read_text()
+    assert "| 0.1 Gbit/s | allreduce |" in text and "step / bound" in text
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "commsgd",
+            "bench",
+            "limit",
+            "--quick",
+            "--algorithms",
+            "allreduce",
+            "--reuse",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "limit.json").read_text())["rows"] == data["rows"]
