@@ -210,3 +210,20 @@ def test_quick_run_on_the_cluster_writes_the_table_with_measured_links(tmp_path:
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((out / "limit.json").read_text())["rows"] == data["rows"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_powersgd_against_the_torch_hook_runs_on_the_cluster(tmp_path: Path) -> None:
+    reason = _cluster_here()
+    if reason is not None:
+        pytest.skip(f"no emulated cluster here: {reason}")
+    out = tmp_path / "out"
+    assert main(["bench", "powersgd", "--quick", "--cluster", "0.1", "--out", str(out)]) == 0
+    (result,) = json.loads((out / "powersgd.json").read_text())["results"]
+    assert result["commsgd_s"] > 0 and result["torch_s"] > 0 and len(result["chunk_ratios"]) == 2
+    assert (
+        "on the emulated cluster, one node per worker, links of 0.1 Gbit/s"
+        in (out / "powersgd.md").read_text()
+    )

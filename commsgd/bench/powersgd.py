@@ -10,10 +10,16 @@ it is), bytes per compressed step and per warm-up step apart, and test error aft
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from commsgd.bench.common import BenchEnv, param_fields, registered, write_result
+from commsgd.errors import WorkerError
 from commsgd.report import md_table, pct
 
 TITLE = "commsgd PowerSGD vs PyTorch's PowerSGD DDP hook: time per step, accuracy after equal steps"
@@ -27,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--steps", type=int, help="timed compressed mlp/digits steps after warm-up (default 300; quick: 10)"
+    )
+    parser.add_argument(
+        "--cluster",
+        type=float,
+        metavar="GBPS",
+        help="run on the emulated cluster, one node per worker, links shaped to GBPS Gbit/s (root)",
     )
 
 
@@ -156,6 +168,38 @@ def _worker(
     return result
 
 
+def _on_cluster(env: BenchEnv, workers: int, gbps: float, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """`_worker` on the emulated cluster, one node per worker (`python -m commsgd.bench.powersgd` under
+    each node's torchrun); every rank's result, read from the files the ranks write."""
+    from commsgd.bench.cluster import ClusterPlan, cluster
+
+    out = env.runs_dir("powersgd") / f"{spec['model_name']}-cluster-{gbps:g}gbps"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    with cluster(ClusterPlan(f"{os.getpid()}", workers, gbps, 1), out) as c:
+        note = f"powersgd: emulated cluster of {workers} nodes x 1 at {gbps:g} Gbit/s: {c.plan.sharing}"
+        if note not in env.notes:
+            env.note(note)
+        code, _ = c.run_train(out / "job", [str(out), json.dumps(spec)], 900, module="commsgd.bench.powersgd")
+    found = [out / f"rank{r}.json" for r in range(workers)]
+    if code != 0 or not all(f.is_file() for f in found):
+        raise WorkerError(f"bench powersgd: the cluster job failed (exit {code}); see {out}/job.node*.log")
+    return [json.loads(f.read_text(encoding="utf-8")) for f in found]
+
+
+def cluster_worker(argv: list[str]) -> int:
+    """`python -m commsgd.bench.powersgd OUT SPEC_JSON` in a torchrun worker: `_worker(**spec)` on one
+    torch thread (the node's one core), its result written to OUT/rank<r>.json."""
+    import torch
+
+    from commsgd.metrics import write_json_atomic
+
+    torch.set_num_threads(1)
+    result = _worker(**json.loads(argv[1]))
+    write_json_atomic(Path(argv[0]) / f"rank{os.environ['RANK']}.json", result)
+    return 0
+
+
 def spread(ratios: list[float]) -> str:
     """'min-max' of the per-chunk ratios ('—' without any)."""
     return f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "—"
@@ -192,9 +236,17 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     results = []
     for model_name, steps, chunk in plan:
         env.log(f"powersgd: {model_name}: {steps} steps each on {args.workers} workers")
-        per_rank = run_distributed(
-            _worker, args.workers, model_name, steps, chunk, params, torch_opts, timeout=900
-        )
+        spec = {
+            "model_name": model_name,
+            "steps": steps,
+            "chunk": chunk,
+            "params": params,
+            "torch_opts": torch_opts,
+        }
+        if args.cluster:
+            per_rank = _on_cluster(env, args.workers, args.cluster, spec)
+        else:
+            per_rank = run_distributed(_worker, args.workers, *spec.values(), timeout=900)
         merged = dict(per_rank[0])
         merged["commsgd_s"] = max(r["commsgd_s"] for r in per_rank)
         merged["torch_s"] = max(r["torch_s"] for r in per_rank)
@@ -227,9 +279,15 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         "commsgd bytes / compressed step",
         "commsgd bytes / warm-up step",
     ]
+    where = (
+        f"on the emulated cluster, one node per worker, links of {args.cluster:g} Gbit/s"
+        if args.cluster
+        else "on this machine, loopback"
+    )
     body = "\n".join(
         [
-            f"{args.workers} workers, gloo, batch 32 per worker, rank {args.rank}, {WARMUP_STEPS} warm-up "
+            f"{args.workers} workers ({where}), gloo, batch 32 per worker, rank {args.rank}, "
+            f"{WARMUP_STEPS} warm-up "
             "all-reduce steps (untimed, run first; their bytes in the last column), minimum compression "
             "rate 2, error feedback and warm start on both; 'steps' are the timed compressed steps "
             "after warm-up, in alternating chunks; torch SGD lr 0.05, momentum 0.9, weight decay 1e-4 on "
@@ -251,3 +309,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         f"{r['model']}: {1e3 * r['commsgd_s']:.2f} vs {1e3 * r['torch_s']:.2f} ms/step, error "
         f"{pct(r.get('commsgd_error'))} vs {pct(r.get('torch_error'))}"
     )
+
+
+if __name__ == "__main__":
+    sys.exit(cluster_worker(sys.argv[1:]))
