@@ -63,7 +63,12 @@ FLOAT32_BYTES = 4
 class FlatGradients:
     """The gradients of a parameter list as one float32 vector (one message), and back.
 
-    A parameter without a gradient counts as a zero gradient (as in `allreduce`).
+    After `scatter(buffer)` every gradient is a view of the vector (as DDP's `gradient_as_bucket_view`;
+    a gradient that is a view of another buffer, such as DDP's bucket, is written in place instead): the
+    next backward pass accumulates into it, so `gather` and `scatter(buffer)` copy nothing while the
+    views last. A gradient replaced meanwhile (`zero_grad(set_to_none=True)`, an assignment) is copied in
+    by `gather` and the views are set again by the next `scatter`. A parameter without a gradient counts
+    as a zero gradient (as in `allreduce`).
     """
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
@@ -73,9 +78,23 @@ class FlatGradients:
         self.numels = [p.numel() for p in self.params]
         self.numel = sum(self.numels)
         self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.params[0].device)
+        viewable = all(p.dtype == torch.float32 and p.device == self.buffer.device for p in self.params)
+        self._views = (
+            [v.view_as(p) for v, p in zip(self.buffer.split(self.numels), self.params)] if viewable else None
+        )
+
+    def viewed(self) -> bool:
+        """Whether every gradient is still the view of the vector that `scatter` left there."""
+        return self._views is not None and all(
+            p.grad is not None and p.grad.data_ptr() == v.data_ptr() and p.grad.shape == v.shape
+            for p, v in zip(self.params, self._views)
+        )
 
     def gather(self) -> Tensor:
-        """Copy the current gradients into the vector and return it."""
+        """The current gradients as the vector (copied in unless they are its views) and return it.
+        While they are views, writing to the vector writes to the gradients."""
+        if self.viewed():
+            return self.buffer
         grads = [p.grad for p in self.params]
         if all(g is not None and g.dtype == torch.float32 for g in grads):
             return torch.cat([g.reshape(-1) for g in grads if g is not None], out=self.buffer)
@@ -87,7 +106,16 @@ class FlatGradients:
         return self.buffer
 
     def scatter(self, flat: Tensor) -> None:
-        """Write `flat` (numel elements) into the parameters' gradients."""
+        """Write `flat` (numel elements) into the parameters' gradients; `flat` the vector itself: make
+        the gradients its views (no copy)."""
+        if flat is self.buffer and self._views is not None:
+            if not self.viewed():
+                for p, view in zip(self.params, self._views):
+                    if p.grad is None or p.grad._base is None:  # a gradient of its own: now the view
+                        p.grad = view
+                    else:  # a view of another buffer (DDP's bucket in `ddp_hook`): written in place
+                        p.grad.copy_(view)
+            return
         for view, p in zip(flat.split(self.numels), self.params):
             if p.grad is None:
                 p.grad = torch.empty_like(p)

@@ -172,7 +172,7 @@ class DistEFSGD(OwnsMomentum):
             self._error = error
         if server_error is not None:
             self._server_error = server_error
-        result = torch.empty_like(self._grads.buffer)
+        result = self._grads.buffer  # the gradient is spent: the result goes where it was (no copy)
         for piece, row in zip(self._slices, rows):
             result[piece.start : piece.stop] = piece.wire.decode(row)
         self._grads.scatter(result)

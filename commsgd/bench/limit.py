@@ -75,7 +75,7 @@ class Model:
     timed: int
 
 
-FULL_MODELS = {"resnet20": Model("resnet20", 32, 4, 16), "vgg16": Model("vgg16", 32, 2, 8)}
+FULL_MODELS = {"resnet20": Model("resnet20", 32, 4, 16), "vgg16": Model("vgg16", 32, 4, 8)}
 QUICK_MODEL = Model("mlp", 32, 2, 4)
 
 

@@ -233,6 +233,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     plan = [("mlp", args.steps or (10 if env.quick else 300), 5 if env.quick else 25)]
     if not env.quick:
         plan.append(("resnet20", 40, 5))
+    gbps = getattr(args, "cluster", None)  # link rate of the emulated cluster; None: this machine
     results = []
     for model_name, steps, chunk in plan:
         env.log(f"powersgd: {model_name}: {steps} steps each on {args.workers} workers")
@@ -243,8 +244,8 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
             "params": params,
             "torch_opts": torch_opts,
         }
-        if args.cluster:
-            per_rank = _on_cluster(env, args.workers, args.cluster, spec)
+        if gbps:
+            per_rank = _on_cluster(env, args.workers, gbps, spec)
         else:
             per_rank = run_distributed(_worker, args.workers, *spec.values(), timeout=900)
         merged = dict(per_rank[0])
@@ -280,8 +281,8 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         "commsgd bytes / warm-up step",
     ]
     where = (
-        f"on the emulated cluster, one node per worker, links of {args.cluster:g} Gbit/s"
-        if args.cluster
+        f"on the emulated cluster, one node per worker, links of {gbps:g} Gbit/s"
+        if gbps
         else "on this machine, loopback"
     )
     body = "\n".join(
