@@ -134,6 +134,9 @@ class ClusterConfig:
     )
     slow_sleep_s: float = bounded(0.0, ge=0, le=86400, doc="extra sleep per step on slowed ranks")
     split_wait: bool = False
+    reuse_memory: bool = bounded(
+        True, doc="keep freed host memory for the next step (no page faults for model-sized temporaries)"
+    )
 
 
 @dataclass

@@ -31,6 +31,7 @@ from commsgd.api import CommOptimizer, NonFiniteError
 from commsgd.config import DEFAULT_STEPS, Config, save_config, to_dict
 from commsgd.context import WorkerContext, create_context
 from commsgd.errors import CheckpointError, ConfigError, UserError, WorkerError, say
+from commsgd.hostmemory import keep_freed_memory
 from commsgd.interrupt import TIME_LIMIT, Interrupted, StopAgreement
 from commsgd.jobclock import JobClock
 from commsgd.metrics import JsonlLog, mean, peak_memory_mb, summary_table, write_json_atomic
@@ -104,6 +105,8 @@ class Trainer:
     def __init__(self, cfg: Config, ctx: WorkerContext, run_dir: Path) -> None:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         torch.set_num_threads(worker_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        if cfg.cluster.reuse_memory:
+            keep_freed_memory()
         self.dataset: Dataset = load_dataset(
             cfg.data.dataset, cfg.data.data_dir, model=cfg.model, seed=cfg.seed
         )
