@@ -262,3 +262,19 @@ def test_a_bad_quantimed_deadline_is_refused_before_any_run(
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--deadline" in err
+
+
+def test_scaling_takes_an_image_model_on_the_data_folder_and_refuses_one_without(tmp_path: Path) -> None:
+    from commsgd.bench.scaling import task_overrides
+    from commsgd.errors import ConfigError
+
+    assert task_overrides(BenchEnv(tmp_path), "mlp") == ["model=mlp"]
+    with pytest.raises(ConfigError, match="needs --data-dir"):
+        task_overrides(BenchEnv(tmp_path), "resnet20")
+    found = task_overrides(BenchEnv(tmp_path, data_dir="/data/jpeg"), "resnet20")
+    assert found == [
+        "model=resnet20",
+        "data.dataset=imagefolder",
+        "data.data_dir=/data/jpeg",
+        "data.test_samples=500",
+    ]

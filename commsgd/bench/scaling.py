@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from commsgd.bench.common import BenchEnv, Job, available, run_jobs, write_result
+from commsgd.errors import ConfigError
 from commsgd.report import Run, md_table, pct, run_stats, secs
 
 TITLE = "throughput and time-to-target vs workers (1, 2, 4, 8) for allreduce, LSGD, PowerSGD at 1 Gbit/s"
@@ -28,6 +30,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cluster", action="store_true", help="run on the emulated cluster, one node per worker (root)"
     )
+    parser.add_argument(
+        "--model",
+        default="mlp",
+        help="mlp on digits (default), or an image model (resnet20, cnn7) on --data-dir's images",
+    )
+
+
+def task_overrides(env: BenchEnv, model: str) -> list[str]:
+    """The mlp on digits, or an image model on the images of --data-dir (500 test images: the many
+    evaluations of a scaling run would cost more than its training); ConfigError without the data."""
+    if model == "mlp":
+        return ["model=mlp"]
+    if not env.data_dir:
+        raise ConfigError(
+            f"bench scaling --model {model}: needs --data-dir (e.g. ../shared/data/cifar10-jpeg)"
+        )
+    dataset = "cifar10" if (Path(env.data_dir) / "cifar-10-batches-py").is_dir() else "imagefolder"
+    return [
+        f"model={model}",
+        f"data.dataset={dataset}",
+        f"data.data_dir={env.data_dir}",
+        "data.test_samples=500",
+    ]
+
+
+def describe(env: BenchEnv, model: str) -> str:
+    return "mlp on digits" if model == "mlp" else f"{model} on {env.data_dir} (500 test images)"
 
 
 def run(env: BenchEnv, args: argparse.Namespace) -> str:
@@ -35,7 +64,8 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     counts = args.workers or ([1, 2] if env.quick else [1, 2, 4, 8])
     steps = args.steps or (10 if env.quick else 300)
     algos = available(env, ALGORITHMS, "scaling")
-    base = ["model=mlp", f"eval_every={max(steps // 20, 1)}"]
+    model = getattr(args, "model", "mlp")
+    base = [*task_overrides(env, model), f"eval_every={max(steps // 20, 1)}"]
     network = ["network.enabled=true", f"network.inter_gbps={args.gbps}", "cluster.group_size=1"]
     jobs = [Job("sgd-1", "sgd", 1, steps, base)] if 1 in counts else []
     links = [] if args.cluster else network  # on the cluster the links are real: no network model
@@ -84,7 +114,8 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     link_kind = "emulated cluster: tbf-shaped veth links" if args.cluster else "network model"
     body = "\n".join(
         [
-            f"mlp on digits, {steps} steps per worker, batch 32 per worker, every worker its own node at "
+            f"{describe(env, model)}, {steps} steps per worker, batch 32 per worker, every worker its own "
+            "node at "
             f"{args.gbps} Gbit/s ({link_kind}), default parameters. Samples/s = all workers' samples / "
             "wall time.",
             "",
