@@ -71,13 +71,18 @@ class FlatGradients:
     as a zero gradient (as in `allreduce`).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], buffer: Tensor | None = None) -> None:
+        """`buffer`: where the vector lives (e.g. a slice of a larger message); default: its own."""
         if not params:
             raise ValueError("FlatGradients needs at least one parameter")
         self.params = list(params)
         self.numels = [p.numel() for p in self.params]
         self.numel = sum(self.numels)
-        self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.params[0].device)
+        if buffer is None:
+            buffer = torch.zeros(self.numel, dtype=torch.float32, device=self.params[0].device)
+        if buffer.shape != (self.numel,) or buffer.dtype != torch.float32:
+            raise ValueError(f"FlatGradients needs a float32 buffer of {self.numel} elements")
+        self.buffer = buffer
         viewable = all(p.dtype == torch.float32 and p.device == self.buffer.device for p in self.params)
         self._views = (
             [v.view_as(p) for v, p in zip(self.buffer.split(self.numels), self.params)] if viewable else None

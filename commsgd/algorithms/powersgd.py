@@ -6,12 +6,12 @@ compression pays, r (n + m) * min_compression_rate < n m, with M = gradient + er
 
     P = M Q;  all-reduce P;  orthonormalize P;  Q = M^T P;  all-reduce Q (mean);  gradient := P Q^T
 
-Every P of every matrix travels in one flat all-reduce, every Q in a second; tensors of one dimension
-(biases, norms) and matrices that would not shrink go uncompressed in a third, started first so that it
-overlaps with computing P. Q is kept for the next step (warm start) with its columns scaled to unit norm:
-orthonormalizing it would change P only by an r x r factor on the right, which P's own orthonormalization
-removes, and the scaling keeps P clear of under- and overflow. The first Q comes from a seed derived from
-`ctx.seed`, the same on every worker.
+Every P of every matrix travels in one flat all-reduce together with the tensors that go uncompressed
+(one dimension: biases, norms; matrices that would not shrink), every Q in a second: two collectives a
+step, so that a small model's step pays two latencies, not three. Q is kept for the next step (warm
+start) with its columns scaled to unit norm: orthonormalizing it would change P only by an r x r factor
+on the right, which P's own orthonormalization removes, and the scaling keeps P clear of under- and
+overflow. The first Q comes from a seed derived from `ctx.seed`, the same on every worker.
 
 Same-shape matrices sit next to each other in the flat buffers, so each product above is one batched
 matmul per distinct shape. P and Q are stored transposed (r x n, r x m): on a CPU, M Q and M^T P with
@@ -85,7 +85,8 @@ class ShapeGroup:
 
 @register
 class PowerSGD(Algorithm):
-    """PowerSGD reducer: low-rank gradients with error feedback; three all-reduces per step."""
+    """PowerSGD reducer: low-rank gradients with error feedback; two all-reduces per step (every P
+    with the uncompressed gradients, then every Q)."""
 
     name = "powersgd"
     summary_line = "PowerSGD: rank-r power iteration with warm start and error feedback, all-reduced"
@@ -103,7 +104,6 @@ class PowerSGD(Algorithm):
                 plain.append(p)
             else:
                 by_shape.setdefault((p.shape[0], p.numel() // p.shape[0], r), []).append(p)
-        self._plain = FlatGradients(plain) if plain else None
         matrices = [p for group in by_shape.values() for p in group]
         self._matrix = FlatGradients(matrices) if matrices else None
         device = params[0].device
@@ -111,7 +111,10 @@ class PowerSGD(Algorithm):
         self._error = torch.zeros(numel, device=device)
         p_numel = sum(len(ps) * n * r for (n, _, r), ps in by_shape.items())
         q_numel = sum(len(ps) * m * r for (_, m, r), ps in by_shape.items())
-        self._p = torch.zeros(p_numel, device=device)
+        # one message for every P and the uncompressed gradients after them: one all-reduce, not two
+        self._p_and_plain = torch.zeros(p_numel + sum(p.numel() for p in plain), device=device)
+        self._p = self._p_and_plain[:p_numel]
+        self._plain = FlatGradients(plain, self._p_and_plain[p_numel:]) if plain else None
         self._q = initial_q(q_numel, 1, derived_seed(ctx.seed, 4), device).view(-1)
         self._q_local = torch.zeros_like(self._q)
         self._groups = self._views(by_shape)
@@ -149,16 +152,13 @@ class PowerSGD(Algorithm):
         comm, world = ctx.comm, ctx.world_size
         with self._traffic.step(comm):
             plain = None if self._plain is None else self._plain.gather()
-            pending = None if plain is None else comm.all_reduce(plain, op="sum", async_op=True)
             if self._matrix is not None:
                 m = self._matrix.gather()
                 if self.params.error_feedback:
                     m.add_(self._error)
                 for g in self._groups:  # P^T = Q^T M^T
                     torch.bmm(g.qt, g.matrices.transpose(1, 2), out=g.pt)
-                comm.all_reduce(self._p, op="sum")
-            if pending is not None:
-                pending.wait()
+            comm.all_reduce(self._p_and_plain, op="sum")  # every P and the uncompressed gradients
             self._check_finite(plain)  # reduced sums: every rank raises, or none; before any state changes
             if self._matrix is not None:
                 self._project(world)
