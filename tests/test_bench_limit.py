@@ -68,7 +68,8 @@ def test_rows_compare_with_all_reduce_and_the_goals_name_what_misses_them(tmp_pa
     model = limit.Model("m", 32, 1, 2)
     link = limit.Link(0.1, 0.0)
     runs = {
-        limit.COMPUTE: _run({0: [(1, 0.0, 0, 0), (3, 0.2, 0, 0)]}),
+        limit.COMPUTE: _run({0: [(1, 0.0, 0, 0), (3, 0.3, 0, 0)]}),
+        limit.COMPUTE_AFTER: _run({0: [(1, 0.0, 0, 0), (3, 0.2, 0, 0)]}),  # the faster one is used
         "allreduce": _run({0: [(1, 0.0, 0, 0), (3, 1.0, 2.5e6, 2)]}),
         "powersgd": _run({0: [(1, 0.0, 0, 0), (3, 0.4, 1e5, 6)]}),
         "topk": _run({0: [(1, 0.0, 0, 0), (3, 0.6, 1e5, 2)]}),
@@ -80,6 +81,7 @@ def test_rows_compare_with_all_reduce_and_the_goals_name_what_misses_them(tmp_pa
         {"allreduce": 1, "powersgd": 0.4, "topk": 0.6}
     )
     assert all(r.compute_s == pytest.approx(0.1) for r in rows)
+    assert "compute-only step 150 ms and 100 ms (before and after the algorithms)" in env.notes[0]
     lines = limit.verdicts(rows)
     assert lines[0] == "- m, 0.1 Gbit/s: compressed steps <= 0.5x all-reduce SGD's: not met by topk 0.60x"
     assert "goal <= 1.1" in lines[1]
@@ -88,15 +90,16 @@ def test_rows_compare_with_all_reduce_and_the_goals_name_what_misses_them(tmp_pa
 def test_without_the_compute_only_run_there_are_no_rows_and_a_note(tmp_path: Path) -> None:
     env = BenchEnv(tmp_path, quick=True)
     rows = limit.rows_for(env, limit.Model("m", 32, 1, 2), 1.0, {limit.COMPUTE: None}, limit.Link(1, 0))
-    assert rows == [] and "compute-only run did not finish" in env.notes[0]
+    assert rows == [] and "no compute-only run finished" in env.notes[0]
 
 
 def test_jobs_give_the_periodic_methods_tau_and_the_reference_no_round(tmp_path: Path) -> None:
     env = BenchEnv(tmp_path, quick=False, data_dir="/data/cifar")
     jobs = dict(limit.jobs_for(env, limit.FULL_MODELS["resnet20"], 0.1, ["allreduce", "lsgd"], tau=4))
-    assert list(jobs) == [limit.COMPUTE, "allreduce", "lsgd"]
+    assert list(jobs) == [limit.COMPUTE, "allreduce", "lsgd", limit.COMPUTE_AFTER]
     reference = jobs[limit.COMPUTE]
     assert reference.algorithm == "local_sgd" and f"algo.tau={limit.NO_ROUND}" in reference.overrides
+    assert jobs[limit.COMPUTE_AFTER].overrides == reference.overrides
     assert "algo.tau=4" in jobs["lsgd"].overrides
     assert not any(o.startswith("algo.") for o in jobs["allreduce"].overrides)
     steps = reference.steps

@@ -7,7 +7,8 @@ For each model, link rate and algorithm, from the steps after the warm-up (the s
 
 - step: seconds per training step;
 - compute-only: the step of local SGD with no averaging round in the run (same model, batch, node,
-  threads, data; no communication) - what the step would cost over an infinitely fast link;
+  threads, data; no communication) - what the step would cost over an infinitely fast link; run before
+  and after the algorithms, the faster of the two;
 - bound: compute-only + bytes sent per step / link rate + latency x collectives per step, with the rate
   of one TCP stream across the shaped link and the latency of a one-float all-reduce of the two workers
   (`commsgd.bench.latency`, through commsgd's communication layer), both measured on the cluster;
@@ -41,6 +42,10 @@ TITLE = "Compressed and low-communication algorithms against the physical limit 
 
 #: the reference run: local SGD whose period is longer than any run, so it never communicates
 COMPUTE = "compute-only"
+#: the same reference again after the algorithms: the bound takes the faster of the two (a drifting load
+#: shows as their difference, in the notes)
+COMPUTE_AFTER = "compute-only-after"
+REFERENCES = (COMPUTE, COMPUTE_AFTER)
 NO_ROUND = 10**6
 NODES = 2
 
@@ -114,22 +119,17 @@ def jobs_for(
         "checkpoint_every=0",
     ]
     params = dict(ALGORITHMS)
-    out = [
-        (
-            COMPUTE,
-            Job(
-                run_name(model.name, gbps, COMPUTE),
-                "local_sgd",
-                NODES,
-                steps,
-                [*base, f"algo.tau={NO_ROUND}"],
-            ),
+
+    def reference(label: str) -> tuple[str, Job]:
+        return label, Job(
+            run_name(model.name, gbps, label), "local_sgd", NODES, steps, [*base, f"algo.tau={NO_ROUND}"]
         )
-    ]
+
+    out = [reference(COMPUTE)]
     for algo in algorithms:
         extra = [f"algo.tau={tau}"] if "tau" in params.get(algo, ()) else []
         out.append((algo, Job(run_name(model.name, gbps, algo), algo, NODES, steps, [*base, *extra])))
-    return out
+    return [*out, reference(COMPUTE_AFTER)]
 
 
 # --------------------------------------------------------------------------------------- numbers
@@ -301,21 +301,27 @@ def _link(env: BenchEnv, model: str, gbps: float) -> Link:
 
 
 def rows_for(env: BenchEnv, model: Model, gbps: float, runs: dict[str, Run | None], link: Link) -> list[Row]:
-    reference = runs.get(COMPUTE)
-    compute = pace(reference, model.warmup) if reference is not None else None
-    if compute is None:
-        env.note(f"limit: {model.name} at {gbps:g} Gbit/s: the compute-only run did not finish; no rows")
+    found = [pace(r, model.warmup) for label in REFERENCES if (r := runs.get(label)) is not None]
+    references = [p.step_s for p in found if p is not None]
+    if not references:
+        env.note(f"limit: {model.name} at {gbps:g} Gbit/s: no compute-only run finished; no rows")
         return []
-    paces = {label: pace(r, model.warmup) for label, r in runs.items() if r is not None and label != COMPUTE}
+    compute = min(references)
+    env.note(
+        f"limit: {model.name} at {gbps:g} Gbit/s: compute-only step "
+        + " and ".join(f"{1e3 * s:.0f} ms" for s in references)
+        + " (before and after the algorithms); the bound uses the faster"
+    )
+    paces = {
+        label: pace(r, model.warmup) for label, r in runs.items() if r is not None and label not in REFERENCES
+    }
     allreduce = paces.get("allreduce")
     rows = []
     for label, p in paces.items():
         if p is None:
             env.note(f"limit: {run_name(model.name, gbps, label)}: too few steps in its metrics")
             continue
-        rows.append(
-            Row(model.name, gbps, label, p, compute.step_s, link, allreduce.step_s if allreduce else None)
-        )
+        rows.append(Row(model.name, gbps, label, p, compute, link, allreduce.step_s if allreduce else None))
     return rows
 
 
