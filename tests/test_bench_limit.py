@@ -168,21 +168,21 @@ def test_collective_latency_probe_writes_the_median_all_reduce(tmp_path: Path) -
     assert found["count"] == 30 and found["world_size"] == 2 and 0 < found["all_reduce_s"] < 1.0
 
 
-def _cluster_here() -> str | None:
+@pytest.fixture
+def cluster_host() -> None:
+    """Skip (saying why) where this machine cannot host the emulated cluster."""
     try:
         cl.check_support()
     except cl.ClusterUnavailable as exc:
-        return str(exc)
-    return None
+        pytest.skip(f"no emulated cluster here: {exc}")
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_quick_run_on_the_cluster_writes_the_table_with_measured_links(tmp_path: Path) -> None:
-    reason = _cluster_here()
-    if reason is not None:
-        pytest.skip(f"no emulated cluster here: {reason}")
+def test_quick_run_on_the_cluster_writes_the_table_with_measured_links(
+    tmp_path: Path, cluster_host: None
+) -> None:
     out = tmp_path / "out"
     assert main(["bench", "limit", "--quick", "--algorithms", "allreduce", "--out", str(out)]) == 0
     data: dict[str, Any] = json.loads((out / "limit.json").read_text())
@@ -218,10 +218,7 @@ def test_quick_run_on_the_cluster_writes_the_table_with_measured_links(tmp_path:
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_powersgd_against_the_torch_hook_runs_on_the_cluster(tmp_path: Path) -> None:
-    reason = _cluster_here()
-    if reason is not None:
-        pytest.skip(f"no emulated cluster here: {reason}")
+def test_powersgd_against_the_torch_hook_runs_on_the_cluster(tmp_path: Path, cluster_host: None) -> None:
     out = tmp_path / "out"
     assert main(["bench", "powersgd", "--quick", "--cluster", "0.1", "--out", str(out)]) == 0
     (result,) = json.loads((out / "powersgd.json").read_text())["results"]
