@@ -2,9 +2,9 @@
 
 LGD and EAGD are the `lsgd` and `easgd` algorithms themselves, with exact gradients: every worker's model
 is one parameter tensor, stepped by `CommOptimizer` with plain SGD. The workers run in a simulated world
-(`commsgd.simworld`: threads of this process, the same Communicator and byte counts), or with `--processes`
-as real processes over gloo. LGD selects its leader by the current objective (window 1); its center is the
-workers' average.
+(`commsgd.simworld`: coroutines or threads of this process, the same Communicator and byte counts), or
+with `--processes` as real processes over gloo. LGD selects its leader by the current objective (window
+1); its center is the workers' average.
 
 - toy2d reproduces the supplement's Table 1 (best L: LGD -0.2172, EAGD -0.0912) and Figure 7.
 - matrix-completion reproduces Figure 1: the best objective over the workers at each step.
@@ -212,10 +212,11 @@ def _descend(
     opt = CommOptimizer(sgd, algo, model, ctx)
 
     every = max(1, s["steps"] // 100)
+    x = model.x  # the one parameter (the algorithms move its values, never replace it)
     for step in range(1, s["steps"] + 1):
         with torch.no_grad():
-            value, model.x.grad = objective(model.x)
-        record(model.x, float(value))
+            value, x.grad = objective(x)
+        record(x, float(value))
         opt.step(value, step=step)
         if step % every == 0:
             report_progress(**{method.upper(): f"{100 * step // s['steps']:3d}%"})
@@ -269,8 +270,11 @@ def _matrix_worker(s: dict[str, Any]) -> dict[str, list[list[float]]]:
 # ------------------------------------------------------------------------------------------ problems
 
 
-def _run_workers(fn: Callable[..., Any], count: int, s: dict[str, Any], processes: bool) -> list[Any]:
-    """`fn(s)` on `count` workers: spawned gloo processes, or a simulated world with a progress line."""
+def _run_workers(
+    fn: Callable[..., Any], count: int, s: dict[str, Any], processes: bool, scheduler: str = "threads"
+) -> list[Any]:
+    """`fn(s)` on `count` workers: spawned gloo processes, or a simulated world (`scheduler`, see
+    `SimulatedWorld`) with a progress line."""
     if processes:
         from commsgd.testing import run_distributed
 
@@ -281,14 +285,16 @@ def _run_workers(fn: Callable[..., Any], count: int, s: dict[str, Any], processe
 
     show = ProgressLine(sys.stderr)
     try:
-        return SimulatedWorld(count, timeout_s=600.0).run(fn, s, progress=show)
+        return SimulatedWorld(count, timeout_s=600.0, scheduler=scheduler).run(fn, s, progress=show)
     finally:
         show.clear()
 
 
 def toy2d(s: dict[str, Any], processes: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Both methods from `s['points']` (one worker per point); (JSON summary, per-worker traces)."""
-    workers = _run_workers(_toy2d_worker, len(s["points"]), s, processes)
+    # coroutines: a step is a few microseconds of math and a hand-over or two, and no worker waits
+    # inside backward (the gradients are closed forms)
+    workers = _run_workers(_toy2d_worker, len(s["points"]), s, processes, scheduler="greenlet")
     summary = {
         method: {"best": min(w[method]["final"] for w in workers), "center": workers[0][method]["center"]}
         for method in METHODS
@@ -298,6 +304,9 @@ def toy2d(s: dict[str, Any], processes: bool = False) -> tuple[dict[str, Any], l
 
 def matrix_completion(s: dict[str, Any], processes: bool = False) -> dict[str, Any]:
     """Both methods on `s['trials']` random instances; per method and trial the best objective per step."""
+    # threads: a step is milliseconds of matrix products, so hand-overs do not count; in one thread
+    # the workers' 8 MB temporaries went back to the OS and were faulted in again (~100x the page
+    # faults, a third of the run in the kernel)
     workers = _run_workers(_matrix_worker, s["workers"], s, processes)
     summary: dict[str, Any] = {}
     for method in METHODS:

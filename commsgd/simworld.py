@@ -1,10 +1,11 @@
-"""A simulated world: N workers as threads of one process, their collectives acting on tensors in memory.
+"""A simulated world: N workers in one process, their collectives acting on tensors in memory.
 
 Why. The math problems of `commsgd reproduce` and studies of communication patterns at 64-1,024 workers
 need the algorithms' own update code, but not gloo: spawning processes and 80,000 loopback collectives
-for a 2-D point cost minutes. Here every worker runs in its own Python thread with its own
-`WorkerContext`, whose `Communicator` is the ordinary one (it counts and times every byte, and applies
-the optional network model's delays) with a `SimTransport` in place of torch.distributed.
+for a 2-D point cost minutes. Here every worker runs in its own Python thread (or coroutine, see
+`SimulatedWorld`) with its own `WorkerContext`, whose `Communicator` is the ordinary one (it counts and
+times every byte, and applies the optional network model's delays) with a `SimTransport` in place of
+torch.distributed.
 
 Semantics (what is guaranteed):
 
@@ -24,13 +25,17 @@ Semantics (what is guaranteed):
   the world's timeout (a deadlock in the code under test) is an error as well.
 
 What is not simulated: time. Without a network model the workers' communication takes only the copy;
-with one, each call sleeps its modelled delay in its own thread (threads sleep in parallel, so the wall
+with one, each call sleeps its modelled delay while the other workers run (delays overlap, so the wall
 time follows the slowest worker as in a real job). Compute is not parallel (one Python interpreter), so
 wall-clock results of the training loop (deadlines, stragglers) do not carry over.
 """
 
 from __future__ import annotations
 
+import functools
+import heapq
+import itertools
+import math
 import sys
 import threading
 import time
@@ -42,6 +47,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import greenlet
 import torch
 
 from commsgd.comm import Communicator, ReduceName
@@ -375,19 +381,56 @@ class SimStore:
 # ------------------------------------------------------------------------------------------ the world
 
 
-_local = threading.local()
+_local = threading.local()  # the "threads" scheduler: (world, sleeper) of a worker thread
+
+#: how a world runs its workers: OS threads, or coroutines switched in user space (see `SimulatedWorld`)
+SCHEDULERS = ("threads", "greenlet")
 
 
 class _Sleeper:
-    """A worker thread's wake-up call: a lock it sleeps on, released by whoever hands it the baton."""
+    """A worker's wake-up call: under "threads", a lock it sleeps on, released by whoever hands it the
+    baton; under "greenlet", the coroutine to switch to."""
 
-    __slots__ = ("lock", "rank", "waiting")
+    __slots__ = ("glet", "lock", "rank", "waiting")
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, glet: greenlet.greenlet | None = None) -> None:
         self.rank = rank
-        self.lock = threading.Lock()
-        self.lock.acquire()
+        self.glet = glet
+        self.lock: threading.Lock | None = None
+        if glet is None:
+            self.lock = threading.Lock()
+            self.lock.acquire()
         self.waiting = ""  # what it waits for (for the timeout message); "" while ready or running
+
+
+class _WorkerGreenlet(greenlet.greenlet):
+    """A worker's coroutine; `slot` says whose (read by `_slot`)."""
+
+    slot: tuple[SimulatedWorld, _Sleeper] | None = None
+
+
+def _slot() -> tuple[SimulatedWorld, _Sleeper] | None:
+    """(world, sleeper) of the calling worker, or None in any other thread or coroutine."""
+    found: tuple[SimulatedWorld, _Sleeper] | None = getattr(greenlet.getcurrent(), "slot", None)
+    return found if found is not None else getattr(_local, "slot", None)
+
+
+def _switchable() -> None:
+    """Raise unless this worker's coroutine may be switched out here. Coroutines share their thread's
+    torch state: grad mode is kept per worker (`_switch`), but a wait inside backward, inference mode
+    or autocast would leak that state into the other workers."""
+    if torch._C._current_graph_task_id() != -1:
+        where = "inside backward"
+    elif torch.is_inference_mode_enabled():
+        where = "inside torch.inference_mode"
+    elif torch.is_autocast_enabled("cpu"):
+        where = "inside torch.autocast"
+    else:
+        return
+    raise RuntimeError(
+        f"simulated world: a worker waits {where}, which the greenlet scheduler cannot switch; "
+        'run it with SimulatedWorld(..., scheduler="threads")'
+    )
 
 
 @dataclass
@@ -403,21 +446,32 @@ class SimulatedWorld:
     node, as LOCAL_WORLD_SIZE says for one machine). `timeout_s`: how long every worker may be blocked at
     once before the run fails as a deadlock.
 
-    Scheduling. Worker threads take turns: one runs at a time (it holds the baton) until it must wait
-    (a collective whose other members have not arrived, a receive, a store get, a modelled network
-    delay), then hands the baton to the next ready worker. One thread wakes per hand-over, so a step
-    costs a few thread switches rather than the convoy of every thread waking at every barrier and
-    fighting over the interpreter lock. Threads the workers start themselves (a parameter server)
-    are not scheduled: they run alongside, and wake workers as usual.
+    Scheduling. Workers take turns: one runs at a time (it holds the baton) until it must wait (a
+    collective whose other members have not arrived, a receive, a store get, a modelled network
+    delay), then hands the baton to the next ready worker. `scheduler="threads"` (the default) runs
+    every worker in an OS thread of its own, one waking per hand-over (tens of microseconds);
+    `"greenlet"` runs every worker as a coroutine of the calling thread, a hand-over being a switch in
+    user space (a microsecond or so), for code that never waits inside backward (an all-reduce
+    overlapped with backward does, at its end), inference mode or autocast: the coroutines share the
+    thread's torch state, so such a wait fails with an error naming the scheduler to use (see
+    `_switchable`). It pays where steps are short (microseconds of math between collectives); workers
+    that allocate large temporaries may do worse in one thread (its allocator can hand them back to
+    the OS and fault them in again every step). Threads the workers start themselves (a parameter
+    server) are not scheduled under either: they run alongside, and wake workers as usual.
     """
 
     world_size: int
     local_world_size: int | None = None
     timeout_s: float = 300.0
+    scheduler: str = "threads"
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise ValueError(f"simulated world: world_size must be >= 1, got {self.world_size}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"simulated world: scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}"
+            )
         self.lock = threading.Lock()  # guards every shared structure of the world
         self.failed = False
         self._ready: deque[_Sleeper] = deque()
@@ -432,24 +486,62 @@ class SimulatedWorld:
         self.progress: dict[str, Any] = {}
         self.handovers = 0
         self._sleeping = 0  # workers in a modelled delay: not blocked, not in the schedule
+        # the greenlet scheduler: modelled delays as (wake-up time, serial, worker); its own coroutine
+        # (`run`'s), which gets the baton when no worker is ready, and at `_yield_at` for `progress`
+        self._timers: list[tuple[float, int, _Sleeper]] = []
+        self._serial = itertools.count()  # orders delays that end at the same time
+        self._idle: greenlet.greenlet | None = None
+        self._yield_at = math.inf
+        self._live = 0  # worker coroutines not ended yet
 
     # -- the baton (every method here is called with `lock` held) ------------------------------
 
+    def _next(self) -> _Sleeper | None:
+        """The worker to hand the baton to; None: back to `run`'s coroutine (greenlets: nobody ready,
+        or time to report progress)."""
+        if self._idle is not None:
+            now = time.monotonic()
+            if self._timers and self._timers[0][0] <= now:
+                self._wake_due(now)
+            if now >= self._yield_at:
+                return None
+        return self._ready.popleft() if self._ready else None
+
     def _hand_over(self) -> None:
-        nxt = self._ready.popleft() if self._ready else None
+        nxt = self._next()
         self._running = nxt
         self.handovers += 1
-        if nxt is not None:
+        if nxt is not None and nxt.lock is not None:
             nxt.lock.release()
 
     def _sleep(self, me: _Sleeper) -> None:
         """Give the baton away and sleep until it is handed back."""
         self._hand_over()
+        nxt = self._running
         self.lock.release()
         try:
-            me.lock.acquire()
+            if me.lock is not None:
+                me.lock.acquire()
+            else:
+                self._switch(nxt)
         finally:
             self.lock.acquire()
+
+    def _switch(self, nxt: _Sleeper | None) -> None:
+        """Greenlets: run `nxt` (or `run`'s coroutine) until the baton comes back; this worker's grad
+        mode is its own, as in a thread."""
+        grad = torch.is_grad_enabled()
+        target = self._idle if nxt is None else nxt.glet
+        assert target is not None
+        target.switch()
+        if torch.is_grad_enabled() != grad:
+            torch.set_grad_enabled(grad)
+
+    def _wake_due(self, now: float) -> None:
+        """Greenlets: the workers whose modelled delay has passed are ready."""
+        while self._timers and self._timers[0][0] <= now:
+            self._ready.append(heapq.heappop(self._timers)[2])
+            self._sleeping -= 1
 
     def wake_all(self, waiters: list[_Sleeper]) -> None:
         """Make every worker in `waiters` ready (they run when the baton reaches them)."""
@@ -458,27 +550,30 @@ class SimulatedWorld:
             w.waiting = ""
             self._ready.append(w)
         waiters.clear()
-        self._outside.notify_all()
-        if self._running is None and self._ready:  # woken by a thread outside the schedule
+        self._outside.notify_all()  # also `run`'s coroutine, idle while every worker waited
+        if self._idle is None and self._running is None and self._ready:  # by a thread outside the schedule
             self._hand_over()
 
     def wait(self, waiters: list[_Sleeper], ready: Callable[[], bool], what: str) -> None:
         """Wait until `ready()`, sitting in `waiters` (woken by `wake_all(waiters)`); WorldAborted when
         another worker failed."""
-        me: _Sleeper | None = getattr(_local, "sleeper", None)
+        slot = _slot()
+        me = slot[1] if slot is not None and slot[0] is self else None
         while not ready():
             if self.failed:
                 raise WorldAborted("simulated world: another worker failed")
-            if me is None or getattr(_local, "world", None) is not self:  # a thread of the workers' own
+            if me is None:  # a thread of the workers' own
                 self._outside.wait(0.05)
                 continue
+            if me.glet is not None:
+                _switchable()
             me.waiting = what
             waiters.append(me)
             self._blocked[me] = waiters
             self._sleep(me)
 
     def enter(self, me: _Sleeper) -> None:
-        """Join the schedule (a worker starting, or back from a modelled delay)."""
+        """Threads: join the schedule (a worker starting, or back from a modelled delay)."""
         with self.lock:
             if self._running is None:
                 self._running = me
@@ -486,20 +581,35 @@ class SimulatedWorld:
             self._ready.append(me)
             self.lock.release()
             try:
+                assert me.lock is not None
                 me.lock.acquire()
             finally:
                 self.lock.acquire()
 
     def leave(self) -> None:
-        """Leave the schedule (a worker ending, or sleeping a modelled delay)."""
+        """Leave the schedule (a worker ending, or a thread sleeping a modelled delay); a worker's
+        coroutine ends into `run`'s, which hands the baton on."""
         with self.lock:
-            self._hand_over()
+            if self._idle is None:
+                self._hand_over()
+            else:
+                self._running = None
+                self.handovers += 1
+                self._live -= 1
 
     def sleep(self, seconds: float) -> None:
         """A modelled network delay: other workers run meanwhile (delays overlap, as on a network)."""
-        me: _Sleeper | None = getattr(_local, "sleeper", None)
-        if me is None or getattr(_local, "world", None) is not self:
+        slot = _slot()
+        if slot is None or slot[0] is not self:
             time.sleep(seconds)
+            return
+        me = slot[1]
+        if me.glet is not None:  # off the schedule until `_wake_due` finds it due
+            _switchable()
+            with self.lock:
+                self._sleeping += 1
+                heapq.heappush(self._timers, (time.monotonic() + seconds, next(self._serial), me))
+                self._sleep(me)
             return
         with self.lock:
             self._sleeping += 1
@@ -521,9 +631,12 @@ class SimulatedWorld:
     def stuck(self) -> list[str]:
         """What each blocked worker waits for, when no worker can run (a deadlock); else []."""
         with self.lock:
-            if self._running is not None or self._ready or self._sleeping or not self._blocked:
-                return []
-            return [f"rank {w.rank}: {w.waiting}" for w in sorted(self._blocked, key=lambda w: w.rank)]
+            return self._stuck()
+
+    def _stuck(self) -> list[str]:
+        if self._running is not None or self._ready or self._sleeping or not self._blocked:
+            return []
+        return [f"rank {w.rank}: {w.waiting}" for w in sorted(self._blocked, key=lambda w: w.rank)]
 
     # -- groups and mail --------------------------------------------------------------------------
 
@@ -606,55 +719,43 @@ class SimulatedWorld:
         progress: Callable[[SimulatedWorld], None] | None = None,
         every_s: float = 0.5,
     ) -> list[Any]:
-        """Run `fn(*args)` on every worker (a thread each, one torch thread in all); their results in rank
-        order. `fn` gets its context from `commsgd.init()`. The first worker error is raised as a
-        RuntimeError naming its rank, after every thread ended; so is a deadlock (every worker blocked
-        for `timeout_s`). `progress(world)` is called every `every_s` seconds while they run."""
+        """Run `fn(*args)` on every worker (one torch thread in all); their results in rank order. `fn`
+        gets its context from `commsgd.init()`. The first worker error is raised as a RuntimeError naming
+        its rank, after every worker ended; so is a deadlock (every worker blocked for `timeout_s`).
+        `progress(world)` is called every `every_s` seconds while they run."""
         outcomes = [_Outcome() for _ in range(self.world_size)]
+        interrupted: list[BaseException] = []
 
-        def work(rank: int) -> None:
-            me = _Sleeper(rank)
-            _local.slot, _local.sleeper, _local.world = (self, rank), me, self
-            self.enter(me)
+        def work(me: _Sleeper) -> None:
+            rank = me.rank
             try:
                 outcomes[rank].value, outcomes[rank].ok = fn(*args), True
-            except WorldAborted:
+            except (WorldAborted, greenlet.GreenletExit):
                 pass
             except BaseException as exc:  # report it; end the others' waits
-                outcomes[rank].error = f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+                if isinstance(exc, KeyboardInterrupt) and me.glet is not None:  # Ctrl-C, in a coroutine
+                    interrupted.append(exc)  # raised by `run`, as it would be in the threads' watcher
+                else:
+                    outcomes[
+                        rank
+                    ].error = f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
                 self.abort()
             finally:
                 self.leave()
 
         threads_before = torch.get_num_threads()
+        grad_before = torch.is_grad_enabled()
         torch.set_num_threads(1)
-        threads = [
-            threading.Thread(target=work, args=(r,), name=f"commsgd-sim-rank{r}", daemon=True)
-            for r in range(self.world_size)
-        ]
-        deadlock = ""
         try:
-            for t in threads:
-                t.start()
-            stuck_since: float | None = None
-            handovers = -1
-            for t in threads:
-                while t.is_alive():
-                    t.join(min(every_s, self.timeout_s / 4))
-                    if progress is not None:
-                        progress(self)
-                    blocked = self.stuck()
-                    now = time.monotonic()
-                    moved, handovers = handovers != self.handovers, self.handovers
-                    if not blocked or moved:
-                        stuck_since = None
-                    elif stuck_since is None:
-                        stuck_since = now
-                    elif now - stuck_since >= self.timeout_s and not deadlock:
-                        deadlock = "; ".join(blocked)
-                        self.abort()
+            if self.scheduler == "threads":
+                deadlock = self._run_threads(work, progress, every_s)
+            else:
+                deadlock = self._run_greenlets(work, progress, every_s)
         finally:
             torch.set_num_threads(threads_before)
+            torch.set_grad_enabled(grad_before)
+        if interrupted:
+            raise interrupted[0]
         errors = [o.error for o in outcomes if o.error]
         if errors:
             raise RuntimeError(errors[0])
@@ -666,6 +767,111 @@ class SimulatedWorld:
             raise RuntimeError("simulated world: workers were aborted without an error")
         return [o.value for o in outcomes]
 
+    def _run_threads(
+        self,
+        work: Callable[[_Sleeper], None],
+        progress: Callable[[SimulatedWorld], None] | None,
+        every_s: float,
+    ) -> str:
+        """`work` on a thread per worker, watched from this one; what the workers were stuck on, if so."""
+
+        def start(rank: int) -> None:
+            me = _Sleeper(rank)
+            _local.slot = (self, me)
+            self.enter(me)
+            work(me)
+
+        threads = [
+            threading.Thread(target=start, args=(r,), name=f"commsgd-sim-rank{r}", daemon=True)
+            for r in range(self.world_size)
+        ]
+        deadlock = ""
+        for t in threads:
+            t.start()
+        stuck_since: float | None = None
+        handovers = -1
+        for t in threads:
+            while t.is_alive():
+                t.join(min(every_s, self.timeout_s / 4))
+                if progress is not None:
+                    progress(self)
+                blocked = self.stuck()
+                now = time.monotonic()
+                moved, handovers = handovers != self.handovers, self.handovers
+                if not blocked or moved:
+                    stuck_since = None
+                elif stuck_since is None:
+                    stuck_since = now
+                elif now - stuck_since >= self.timeout_s and not deadlock:
+                    deadlock = "; ".join(blocked)
+                    self.abort()
+        return deadlock
+
+    def _run_greenlets(
+        self,
+        work: Callable[[_Sleeper], None],
+        progress: Callable[[SimulatedWorld], None] | None,
+        every_s: float,
+    ) -> str:
+        """`work` on a coroutine per worker of this thread. This coroutine holds the baton while no worker
+        is ready: it sleeps until a modelled delay ends or a thread outside the schedule wakes a worker,
+        reports progress, and tells a deadlock (no worker ready for `timeout_s`) by what each waits for."""
+
+        def start(me: _Sleeper) -> None:
+            idle.switch()  # started here, not from deep in another worker's stack (recursion depth)
+            torch.set_grad_enabled(True)  # as in a new thread
+            work(me)
+
+        self._idle = idle = greenlet.getcurrent()
+        sleepers = []
+        for rank in range(self.world_size):
+            glet = _WorkerGreenlet(parent=idle)
+            me = _Sleeper(rank, glet)
+            glet.run, glet.slot = functools.partial(start, me), (self, me)
+            glet.switch()
+            sleepers.append(me)
+        self._ready.extend(sleepers)
+        self._live = len(sleepers)
+        deadlock = ""
+        stuck_since: float | None = None
+        report_at = time.monotonic() + every_s
+        try:
+            while self._live:
+                now = time.monotonic()
+                if now >= report_at:
+                    if progress is not None:
+                        progress(self)
+                    report_at = now + every_s
+                with self.lock:
+                    self._wake_due(now)
+                    self._yield_at = report_at if progress is not None else math.inf
+                    nxt = self._ready.popleft() if self._ready else None
+                    self._running = nxt
+                    found = False  # a deadlock, found now
+                    if nxt is None:
+                        blocked = self._stuck()
+                        if not blocked:
+                            stuck_since = None
+                        elif stuck_since is None:
+                            stuck_since = now
+                        elif now - stuck_since >= self.timeout_s and not deadlock:
+                            deadlock, found = "; ".join(blocked), True
+                        if not found:  # until a delay ends, a thread wakes a worker, or it is time
+                            until = min(report_at, self._timers[0][0] if self._timers else math.inf)
+                            if stuck_since is not None:
+                                until = min(until, stuck_since + self.timeout_s)
+                            self._outside.wait(max(0.0, until - now))
+                if nxt is not None:
+                    stuck_since = None
+                    assert nxt.glet is not None
+                    nxt.glet.switch()
+                elif found:
+                    self.abort()
+        finally:
+            self._idle = None
+            self._running = None
+        return deadlock
+
 
 def _ranks(ranks: tuple[int, ...]) -> str:
     if len(ranks) > 2 and ranks == tuple(range(ranks[0], ranks[-1] + 1)):
@@ -674,9 +880,9 @@ def _ranks(ranks: tuple[int, ...]) -> str:
 
 
 def current() -> tuple[SimulatedWorld, int] | None:
-    """(world, rank) when the calling thread is a worker of a simulated world, else None."""
-    slot: tuple[SimulatedWorld, int] | None = getattr(_local, "slot", None)
-    return slot
+    """(world, rank) when the caller is a worker of a simulated world, else None."""
+    slot = _slot()
+    return None if slot is None else (slot[0], slot[1].rank)
 
 
 def simulated_context(
@@ -707,9 +913,10 @@ def run_simulated(
     *args: Any,
     local_world_size: int | None = None,
     timeout: float = 180.0,
+    scheduler: str = "threads",
 ) -> list[Any]:
     """`commsgd.testing.run_distributed` in one process: `fn(*args)` on `world_size` simulated workers."""
-    return SimulatedWorld(world_size, local_world_size, timeout_s=timeout).run(fn, *args)
+    return SimulatedWorld(world_size, local_world_size, timeout_s=timeout, scheduler=scheduler).run(fn, *args)
 
 
 class ProgressLine:

@@ -121,3 +121,18 @@ def test_problems() -> None:
     assert parse_points("1,2; -3.5,4") == [(1.0, 2.0), (-3.5, 4.0)]
     with pytest.raises(ValueError):
         parse_points("1,2,3")
+
+
+def test_simulated_workers_give_what_threads_give() -> None:
+    """The simulated world runs these workers as coroutines (`scheduler="greenlet"`); a thread per
+    worker gives the very same traces, float for float."""
+    from commsgd import reproduce
+    from commsgd.simworld import SimulatedWorld
+
+    toy = dict(reproduce.DEFAULTS["toy2d"], steps=300, points=list(PAPER_POINTS))
+    summary, workers = reproduce.toy2d(toy)
+    assert workers == SimulatedWorld(4).run(reproduce._toy2d_worker, toy)
+    assert summary["lgd"]["best"] == min(w["lgd"]["final"] for w in workers)
+    matrix = dict(reproduce.DEFAULTS["matrix-completion"], dim=20, rank=2, workers=3, trials=2, steps=30)
+    curves = SimulatedWorld(3).run(reproduce._matrix_worker, matrix)
+    assert SimulatedWorld(3, scheduler="greenlet").run(reproduce._matrix_worker, matrix) == curves

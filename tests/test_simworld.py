@@ -4,6 +4,7 @@ collective type the algorithms use, and a failing or stuck worker ends the run w
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import commsgd
 from commsgd.algorithms import build_algorithm
 from commsgd.api import CommOptimizer
 from commsgd.comm import CommMeter
-from commsgd.simworld import SimulatedWorld, run_simulated
+from commsgd.simworld import SCHEDULERS, SimulatedWorld, run_simulated
 from commsgd.testing import run_distributed
 
 #: (name, params): the model-averaging, leader, decentralized and gradient families; lsgd with node leaders
@@ -36,11 +37,11 @@ def _traffic(meter: CommMeter) -> dict[str, tuple[float, float, int, int]]:
     return {name: (c.bytes_sent, c.bytes_recv, c.payload_bytes, c.calls) for name, c in meter.phases.items()}
 
 
-def _train_each() -> dict[str, Any]:
-    """A few steps of every algorithm in ALGORITHMS on a small float64 model; parameters and traffic."""
+def _train_each(algorithms: list[tuple[str, dict[str, Any]]] = ALGORITHMS) -> dict[str, Any]:
+    """A few steps of every algorithm in `algorithms` on a small float64 model; parameters and traffic."""
     ctx = commsgd.init()
     out: dict[str, Any] = {}
-    for case, (name, params) in enumerate(ALGORITHMS):
+    for case, (name, params) in enumerate(algorithms):
         ctx.comm.meter = CommMeter()
         torch.manual_seed(ctx.rank)  # a different start on every worker
         model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
@@ -156,17 +157,21 @@ def both() -> list[tuple[dict[str, Any], dict[str, Any]]]:
     return list(zip(gloo, sim))
 
 
-def _assert_same(gloo: Any, sim: Any, where: str) -> None:
+def _assert_same(gloo: Any, sim: Any, where: str, exact: bool = False) -> None:
+    """Equal structures; tensors equal to rounding (gloo adds in another order), or bitwise if `exact`."""
     if isinstance(gloo, torch.Tensor):
-        torch.testing.assert_close(sim, gloo, rtol=1e-12, atol=1e-12, msg=lambda m: f"{where}: {m}")
+        if exact:
+            assert torch.equal(sim, gloo), where
+        else:
+            torch.testing.assert_close(sim, gloo, rtol=1e-12, atol=1e-12, msg=lambda m: f"{where}: {m}")
     elif isinstance(gloo, dict):
         assert sim.keys() == gloo.keys(), where
         for key in gloo:
-            _assert_same(gloo[key], sim[key], f"{where}.{key}")
+            _assert_same(gloo[key], sim[key], f"{where}.{key}", exact)
     elif isinstance(gloo, list | tuple):
         assert len(sim) == len(gloo), where
         for i, (g, s) in enumerate(zip(gloo, sim)):
-            _assert_same(g, s, f"{where}[{i}]")
+            _assert_same(g, s, f"{where}[{i}]", exact)
     else:
         assert sim == gloo, where
 
@@ -203,14 +208,15 @@ def test_every_init_builds_its_own_context_as_in_a_process() -> None:
     assert run_simulated(fn, 4) == [(1, 2, 2, 0)] * 4
 
 
-def test_results_are_bitwise_equal_on_every_worker() -> None:
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_results_are_bitwise_equal_on_every_worker(scheduler: str) -> None:
     def fn() -> torch.Tensor:
         ctx = commsgd.init()
         t = torch.randn(1000, dtype=torch.float32, generator=torch.Generator().manual_seed(ctx.rank)) / 3
         ctx.comm.all_reduce(t, op="avg")
         return t
 
-    results = run_simulated(fn, 7)
+    results = run_simulated(fn, 7, scheduler=scheduler)
     assert all(torch.equal(results[0], t) for t in results)
     expected = sum(
         (torch.randn(1000, generator=torch.Generator().manual_seed(r)) / 3 for r in range(1, 7)),
@@ -219,7 +225,8 @@ def test_results_are_bitwise_equal_on_every_worker() -> None:
     assert torch.equal(results[0], expected / 7)  # rank order, then the division
 
 
-def test_a_failing_worker_ends_the_run_with_its_error() -> None:
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_failing_worker_ends_the_run_with_its_error(scheduler: str) -> None:
     def fn() -> int:
         ctx = commsgd.init()
         for step in range(100):
@@ -232,11 +239,12 @@ def test_a_failing_worker_ends_the_run_with_its_error() -> None:
         return ctx.rank
 
     with pytest.raises(RuntimeError, match=r"rank 2: ValueError: rank two broke"):
-        SimulatedWorld(4, timeout_s=60).run(fn)
+        SimulatedWorld(4, timeout_s=60, scheduler=scheduler).run(fn)
     assert not [t for t in threading.enumerate() if t.name.startswith("commsgd-sim-rank")]
 
 
-def test_a_deadlock_is_an_error_naming_the_waits() -> None:
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_deadlock_is_an_error_naming_the_waits(scheduler: str) -> None:
     def fn() -> None:
         ctx = commsgd.init()
         if ctx.rank == 0:
@@ -245,10 +253,11 @@ def test_a_deadlock_is_an_error_naming_the_waits() -> None:
             ctx.comm.recv(torch.empty(1), 0)
 
     with pytest.raises(TimeoutError, match=r"deadlock.*rank 0: barrier.*rank 1: recv from 0"):
-        SimulatedWorld(3, timeout_s=1).run(fn)
+        SimulatedWorld(3, timeout_s=1, scheduler=scheduler).run(fn)
 
 
-def test_mismatched_collectives_fail_every_worker() -> None:
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_mismatched_collectives_fail_every_worker(scheduler: str) -> None:
     def fn() -> None:
         ctx = commsgd.init()
         t = torch.ones(2)
@@ -258,10 +267,11 @@ def test_mismatched_collectives_fail_every_worker() -> None:
             ctx.comm.all_reduce(t)
 
     with pytest.raises(RuntimeError, match=r"rank 0 called \('broadcast'.*called \('all_reduce'"):
-        run_simulated(fn, 3, timeout=10)
+        run_simulated(fn, 3, timeout=10, scheduler=scheduler)
 
 
-def test_network_model_delays_are_counted() -> None:
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_network_model_delays_are_counted(scheduler: str) -> None:
     from commsgd.config import NetworkConfig
 
     def fn() -> float:
@@ -272,21 +282,149 @@ def test_network_model_delays_are_counted() -> None:
             ctx.comm.all_reduce(t)
         return ctx.comm.meter.totals().model_delay_s
 
-    delays = run_simulated(fn, 4)
+    started = time.monotonic()
+    delays = run_simulated(fn, 4, scheduler=scheduler)
+    # the workers' delays overlap: about 0.36 s in all, not 4 x 0.36 s one after the other
+    assert time.monotonic() - started < 1.2
     # per all-reduce 2 (p - 1) hops of 20 ms and 2 (p - 1) / p of its 40 bytes at 1 Gbit/s; three of them
     assert delays == pytest.approx([3 * (6 * 0.02 + 1.5 * 40 * 8 / 1e9)] * 4)
 
 
-def test_many_workers_lsgd_on_toy2d() -> None:
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_many_workers_lsgd_on_toy2d(scheduler: str) -> None:
     from commsgd import reproduce
 
     s = dict(reproduce.DEFAULTS["toy2d"], steps=20)
     s["points"] = reproduce.more_points([], 64)
-    workers = SimulatedWorld(64).run(reproduce._toy2d_worker, s)
+    workers = SimulatedWorld(64, scheduler=scheduler).run(reproduce._toy2d_worker, s)
     # LGD: after one step every worker has moved a tenth of the way toward the same leader
     best = min(w["lgd"]["final"] for w in workers)
     assert best <= min(w["lgd"]["losses"][0][1] for w in workers)
     assert len({tuple(w["lgd"]["center_x"]) for w in workers}) == 1  # the average, the same everywhere
+
+
+# -- the greenlet scheduler: what threads give, each worker's grad mode, its limit
+
+#: ALGORITHMS but the all-reduce overlapped with backward, which waits inside backward (threads only)
+NO_BACKWARD_WAITS = [(name, params) for name, params in ALGORITHMS if name != "allreduce"]
+
+
+def _greenlet_safe() -> dict[str, Any]:
+    return {"collectives": _every_collective(), "training": _train_each(NO_BACKWARD_WAITS)}
+
+
+def test_greenlets_give_bitwise_what_threads_give() -> None:
+    threads = run_simulated(_greenlet_safe, 4, local_world_size=2, timeout=60)
+    greenlets = run_simulated(_greenlet_safe, 4, local_world_size=2, timeout=60, scheduler="greenlet")
+    for rank, (t, g) in enumerate(zip(threads, greenlets)):
+        _assert_same(t, g, f"rank {rank}", exact=True)
+    assert greenlets[0]["collectives"]["any_source"] == [1, 2, 3]
+
+
+def test_greenlets_keep_each_workers_grad_mode() -> None:
+    """A worker that waits inside `no_grad` leaves the others' grad mode alone, and gets its own back;
+    every worker starts with grad enabled (as a new thread), and the caller's mode is its own."""
+
+    def fn() -> list[bool]:
+        ctx = commsgd.init()
+        seen = [torch.is_grad_enabled()]
+        t = torch.ones(1)
+        if ctx.rank == 0:
+            with torch.no_grad():
+                ctx.comm.all_reduce(t)  # the others run while rank 0 waits here
+                seen.append(torch.is_grad_enabled())
+        else:
+            ctx.comm.all_reduce(t)
+            seen.append(torch.is_grad_enabled())
+        ctx.comm.barrier()
+        return [*seen, torch.is_grad_enabled()]
+
+    with torch.no_grad():
+        got = run_simulated(fn, 3, scheduler="greenlet")
+        assert not torch.is_grad_enabled()
+    assert got == [[True, False, True], [True, True, True], [True, True, True]]
+
+
+def test_greenlets_refuse_a_wait_inside_backward() -> None:
+    """The all-reduce overlapped with backward waits at the end of the pass: coroutines would share the
+    autograd engine's per-thread state, so the run fails naming the scheduler that can."""
+
+    def fn() -> None:
+        ctx = commsgd.init()
+        model = torch.nn.Linear(3, 1)
+        algo = build_algorithm("allreduce", bucket_mb=0.0001)
+        opt = CommOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), algo, model, ctx)
+        opt.step(lambda: model(torch.ones(2, 3)).sum())
+
+    with pytest.raises(RuntimeError, match=r'waits inside backward.*scheduler="threads"'):
+        run_simulated(fn, 2, timeout=30, scheduler="greenlet")
+    run_simulated(fn, 2, timeout=30)  # threads: fine
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_thread_of_the_workers_own_talks_to_them(scheduler: str) -> None:
+    """A thread a worker starts (as a parameter server does) receives and sends while every worker
+    waits: its send wakes the receiver though no worker holds the baton."""
+
+    def fn() -> float:
+        ctx = commsgd.init()
+        if ctx.rank == 0:
+
+            def serve() -> None:
+                got = torch.empty(1)
+                ctx.comm.recv(got, 1)
+                ctx.comm.send(got * 2, 1)
+
+            server = threading.Thread(target=serve, daemon=True)
+            server.start()
+            ctx.comm.barrier()  # rank 1 reaches it after the server's answer
+            server.join(10)
+            return -1.0 if server.is_alive() else 0.0
+        answer = torch.empty(1)
+        ctx.comm.send(torch.tensor([21.0]), 0)
+        ctx.comm.recv(answer, 0)
+        ctx.comm.barrier()
+        return float(answer)
+
+    assert run_simulated(fn, 2, timeout=30, scheduler=scheduler) == [0.0, 42.0]
+
+
+def test_greenlets_report_progress_while_every_worker_is_busy() -> None:
+    """Some worker is always ready, yet `progress` is called on time (the coroutines yield to it)."""
+    from commsgd.simworld import report_progress
+
+    def fn() -> None:
+        ctx = commsgd.init()
+        t = torch.ones(1)
+        for step in range(3000):
+            ctx.comm.all_reduce(t)
+            if step % 100 == 0:
+                report_progress(step=step)
+
+    calls: list[dict[str, Any]] = []
+    SimulatedWorld(2, scheduler="greenlet").run(
+        fn, progress=lambda w: calls.append(dict(w.progress)), every_s=0.01
+    )
+    steps = [c["step"] for c in calls if "step" in c]  # (none before rank 0's first report)
+    assert len(steps) >= 2 and steps[-1] > steps[0]
+
+
+def test_greenlets_pass_on_a_keyboard_interrupt() -> None:
+    """Ctrl-C lands in whichever coroutine runs: the run stops with it, as a thread's watcher would."""
+
+    def fn() -> None:
+        ctx = commsgd.init()
+        if ctx.rank == 1:
+            raise KeyboardInterrupt
+        ctx.comm.barrier()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_simulated(fn, 3, timeout=30, scheduler="greenlet")
+
+
+def test_an_unknown_scheduler_is_refused() -> None:
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        SimulatedWorld(2, scheduler="fibers")
 
 
 def test_closed_form_gradients_equal_autograd() -> None:
