@@ -278,3 +278,13 @@ def test_scaling_takes_an_image_model_on_the_data_folder_and_refuses_one_without
         "data.data_dir=/data/jpeg",
         "data.test_samples=500",
     ]
+
+
+def test_scaling_refuses_an_unknown_model_and_powersgd_a_rate_not_above_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "scaling", "--model", "nosuch", "--quick", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown model 'nosuch'" in capsys.readouterr().err
+    for rate in ("0", "-1"):
+        assert main(["bench", "powersgd", "--cluster", rate, "--quick", "--out", str(tmp_path / rate)]) == 2
+        assert "the link rate must be positive" in capsys.readouterr().err

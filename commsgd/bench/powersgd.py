@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from commsgd.bench.common import BenchEnv, param_fields, registered, write_result
-from commsgd.errors import WorkerError
+from commsgd.errors import ConfigError, WorkerError
 from commsgd.report import md_table, pct
 
 TITLE = "commsgd PowerSGD vs PyTorch's PowerSGD DDP hook: time per step, accuracy after equal steps"
@@ -234,6 +234,8 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     if not env.quick:
         plan.append(("resnet20", 40, 5))
     gbps = getattr(args, "cluster", None)  # link rate of the emulated cluster; None: this machine
+    if gbps is not None and gbps <= 0:
+        raise ConfigError(f"bench powersgd --cluster: the link rate must be positive, got {gbps:g}")
     results = []
     for model_name, steps, chunk in plan:
         env.log(f"powersgd: {model_name}: {steps} steps each on {args.workers} workers")
@@ -244,7 +246,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
             "params": params,
             "torch_opts": torch_opts,
         }
-        if gbps:
+        if gbps is not None:
             per_rank = _on_cluster(env, args.workers, gbps, spec)
         else:
             per_rank = run_distributed(_worker, args.workers, *spec.values(), timeout=900)
@@ -282,7 +284,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     ]
     where = (
         f"on the emulated cluster, one node per worker, links of {gbps:g} Gbit/s"
-        if gbps
+        if gbps is not None
         else "on this machine, loopback"
     )
     body = "\n".join(

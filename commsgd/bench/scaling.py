@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def task_overrides(env: BenchEnv, model: str) -> list[str]:
     """The mlp on digits, or an image model on the images of --data-dir (500 test images: the many
     evaluations of a scaling run would cost more than its training); ConfigError without the data."""
+    from commsgd.tasks.models import MODELS
+
+    if model not in MODELS:
+        raise ConfigError(f"bench scaling --model: unknown model {model!r}; choose from {', '.join(MODELS)}")
     if model == "mlp":
         return ["model=mlp"]
     if not env.data_dir:
