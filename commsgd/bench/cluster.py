@@ -427,8 +427,8 @@ class Cluster:
         }
 
     def measure_link(self, seconds: float = 1.5) -> dict[str, float]:
-        """Gbit/s of one TCP stream node 1 -> node 0 (shaped), and within node 0 over loopback."""
-        script = str(Path(__file__).with_name("linktest.py"))
+        """Gbit/s of one TCP stream node 1 -> node 0 (shaped), and within node 0 over loopback; the
+        median round trip of 64 bytes node 1 -> node 0 (`link_rtt_s`)."""
         result: dict[str, float] = {}
         pairs = [("loopback", 0, "127.0.0.1", 2 * 10**9)]
         if self.plan.nodes > 1:
@@ -436,45 +436,39 @@ class Cluster:
                 0, ("link", 1, self.plan.address(0), max(int(self.plan.gbps * 1e9 / 8 * seconds), 10**6))
             )
         for name, client_node, host, count in pairs:
-            server = self.start(
-                0, [sys.executable, script, "server", host, "5201"], self.log_dir / f"linktest-{name}.log"
-            )
-            client = self.start(
+            stats = self._linktest(
+                name,
+                ["server", host, "5201"],
                 client_node,
-                [sys.executable, script, "client", host, "5201", str(count)],
-                self.log_dir / f"linktest-{name}-client.log",
+                ["client", host, "5201", str(count)],
+                reply="server",
             )
-            try:
-                server.wait(timeout=120)
-                client.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                continue
-            lines = (self.log_dir / f"linktest-{name}.log").read_text(encoding="utf-8").strip().splitlines()
-            with contextlib.suppress(IndexError, ValueError, KeyError, ZeroDivisionError):
-                stats = json.loads(lines[-1])
+            with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):
                 result[f"{name}_gbps"] = stats["bytes"] * 8 / stats["seconds"] / 1e9
         if self.plan.nodes > 1:
+            host = self.plan.address(0)
             rtt = self._linktest(
-                ["echo", self.plan.address(0), "5202"], ["ping", self.plan.address(0), "5202", "200"]
+                "ping", ["echo", host, "5202"], 1, ["ping", host, "5202", "200"], reply="client"
             )
             if "rtt_s" in rtt:
                 result["link_rtt_s"] = float(rtt["rtt_s"])
         return result
 
-    def _linktest(self, server_args: list[str], client_args: list[str]) -> dict[str, Any]:
-        """linktest.py with `server_args` on node 0 and `client_args` on node 1: the client's JSON line."""
+    def _linktest(
+        self, name: str, server_args: list[str], client_node: int, client_args: list[str], reply: str
+    ) -> dict[str, Any]:
+        """linktest.py with `server_args` on node 0 and `client_args` on `client_node`: the JSON line the
+        `reply` side ("server" or "client") printed; {} when it timed out or printed none."""
         script = str(Path(__file__).with_name("linktest.py"))
-        name = client_args[0]
-        server = self.start(
-            0, [sys.executable, script, *server_args], self.log_dir / f"linktest-{name}-server.log"
-        )
-        client = self.start(1, [sys.executable, script, *client_args], self.log_dir / f"linktest-{name}.log")
+        logs = {side: self.log_dir / f"linktest-{name}-{side}.log" for side in ("server", "client")}
+        server = self.start(0, [sys.executable, script, *server_args], logs["server"])
+        client = self.start(client_node, [sys.executable, script, *client_args], logs["client"])
         try:
-            client.wait(timeout=60)
-            server.wait(timeout=30)
+            server.wait(timeout=120)
+            client.wait(timeout=30)
         except subprocess.TimeoutExpired:
             return {}
-        lines = (self.log_dir / f"linktest-{name}.log").read_text(encoding="utf-8").strip().splitlines()
+        lines = logs[reply].read_text(encoding="utf-8").strip().splitlines()
         try:
             found = json.loads(lines[-1])
         except (IndexError, ValueError):
@@ -587,14 +581,24 @@ def train_on(c: Cluster, env: BenchEnv, bench: str, job: Job) -> ClusterRun:
     return ClusterRun(run, seconds, wire, placement)
 
 
+@contextlib.contextmanager
+def bench_cluster(
+    env: BenchEnv, bench: str, nodes: int, procs: int, gbps: float, log_dir: Path | None = None
+) -> Iterator[Cluster]:
+    """A fresh emulated cluster for a benchmark (logs in its runs folder, or `log_dir`); how the nodes
+    share the cores goes into the result's notes, once per layout."""
+    with cluster(ClusterPlan(f"{os.getpid()}", nodes, gbps, procs), log_dir or env.runs_dir(bench)) as c:
+        note = f"{bench}: emulated cluster of {nodes} nodes x {procs}: {c.plan.sharing}"
+        if note not in env.notes:
+            env.note(note)
+        yield c
+
+
 def run_on_cluster(env: BenchEnv, bench: str, job: Job, nodes: int, procs: int, gbps: float) -> Run | None:
     """One job on a fresh emulated cluster; None (with a note) if the cluster cannot run here. How the
     nodes share the cores goes into the result's notes (once per layout)."""
     try:
-        with cluster(ClusterPlan(f"{os.getpid()}", nodes, gbps, procs), env.runs_dir(bench)) as c:
-            note = f"{bench}: emulated cluster of {nodes} nodes x {procs}: {c.plan.sharing}"
-            if note not in env.notes:
-                env.note(note)
+        with bench_cluster(env, bench, nodes, procs, gbps) as c:
             return train_on(c, env, bench, job).run
     except ClusterUnavailable as exc:
         env.note(f"{bench}: {job.name}: {exc}")

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from commsgd.bench.cluster import ClusterUnavailable
+from commsgd.bench.cluster import ClusterUnavailable, bench_cluster, train_on
 from commsgd.bench.common import BenchEnv, Job, add_reuse_argument, available, reuse_runs, write_result
 from commsgd.errors import ConfigError
 from commsgd.metrics import human_bytes, write_json_atomic
@@ -273,13 +272,8 @@ def _train(
     env: BenchEnv, model: Model, gbps: float, jobs: Sequence[tuple[str, Job]]
 ) -> dict[str, Run | None]:
     """Every job of one rate on one emulated cluster; the link's measurement saved next to the runs."""
-    from commsgd.bench.cluster import ClusterPlan, cluster, train_on  # root and iproute2: only here
-
     runs: dict[str, Run | None] = {}
-    with cluster(ClusterPlan(f"{os.getpid()}", NODES, gbps, 1), env.runs_dir("limit")) as c:
-        note = f"limit: emulated cluster of {NODES} nodes x 1: {c.plan.sharing}"
-        if note not in env.notes:
-            env.note(note)
+    with bench_cluster(env, "limit", NODES, 1, gbps) as c:
         measured: dict[str, Any] = {**c.measure_link(), "all_reduce_s": c.collective_latency()}
         env.runs_dir("limit").mkdir(parents=True, exist_ok=True)
         write_json_atomic(_link_file(env, model.name, gbps), {"nominal_gbps": gbps, **measured})

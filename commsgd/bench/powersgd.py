@@ -171,15 +171,12 @@ def _worker(
 def _on_cluster(env: BenchEnv, workers: int, gbps: float, spec: dict[str, Any]) -> list[dict[str, Any]]:
     """`_worker` on the emulated cluster, one node per worker (`python -m commsgd.bench.powersgd` under
     each node's torchrun); every rank's result, read from the files the ranks write."""
-    from commsgd.bench.cluster import ClusterPlan, cluster
+    from commsgd.bench.cluster import bench_cluster
 
     out = env.runs_dir("powersgd") / f"{spec['model_name']}-cluster-{gbps:g}gbps"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    with cluster(ClusterPlan(f"{os.getpid()}", workers, gbps, 1), out) as c:
-        note = f"powersgd: emulated cluster of {workers} nodes x 1 at {gbps:g} Gbit/s: {c.plan.sharing}"
-        if note not in env.notes:
-            env.note(note)
+    with bench_cluster(env, "powersgd", workers, 1, gbps, log_dir=out) as c:
         code, _ = c.run_train(out / "job", [str(out), json.dumps(spec)], 900, module="commsgd.bench.powersgd")
     found = [out / f"rank{r}.json" for r in range(workers)]
     if code != 0 or not all(f.is_file() for f in found):
