@@ -3,9 +3,10 @@
 glibc's malloc serves a block above its mmap threshold (32 MB at most) with fresh pages from the kernel
 and hands them back when the block is freed, so every model-sized temporary of a step is page-faulted
 and zeroed by the kernel again: a vector of VGG16's 15M gradients costs its 14,600 page faults each
-time. Measured here on one core (load 2.5): one `torch.add` of two such vectors takes 34 ms into a new tensor and
-14 ms into a kept one. With malloc's mmap use and trimming off, freed blocks are reused as they are;
-the process keeps its peak host memory instead of returning it (what a caching allocator does on a GPU).
+time. Measured here on one core (load 2.5): one `torch.add` of two such vectors takes 34 ms into a new
+tensor and 14 ms into a kept one. With malloc's mmap use and trimming off, freed blocks are reused as
+they are; the process keeps its peak host memory instead of returning it (what a caching allocator does
+on a GPU).
 The heap settles over the first steps: in a probe of repeated 60 MB additions, faults stopped within 20
 of them, the heap holding 200-600 MB depending on where the blocks landed.
 """
