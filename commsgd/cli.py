@@ -525,17 +525,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+_interrupted = False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Python's own Ctrl-C (KeyboardInterrupt), remembered: an interrupt that lands inside an import
+    of a C extension (numpy's, under torch) can surface as an ImportError instead."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def run() -> None:
     """The `commsgd` program: `main()` on the command line, then exit without torch's teardown."""
+    import signal
+
     from commsgd.fastexit import exit_program
     from commsgd.startup import note_program_start
 
     note_program_start()  # the start-up the user waits for counts from here (the final table shows it)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         code = main()
     except BrokenPipeError:  # `commsgd list | head`: the reader left; Python's documented recipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 1
+    except Exception:
+        if not _interrupted:
+            raise
+        print("commsgd: interrupted", file=sys.stderr)  # what Ctrl-C turned into, not a crash
+        code = 130
     exit_program(code)
 
 

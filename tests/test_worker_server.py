@@ -72,3 +72,33 @@ def test_ctrl_c_while_the_forkserver_imports_is_said_once(tmp_path: Path) -> Non
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     assert "commsgd: interrupted" in err
+
+
+def test_an_error_that_ctrl_c_caused_is_said_as_an_interrupt() -> None:
+    """Ctrl-C inside a C extension's import can surface as an ImportError: the program says
+    'interrupted' and exits 130, without a traceback."""
+    code = (
+        "import os, signal\n"
+        "from commsgd import cli\n"
+        "def main():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    except KeyboardInterrupt:\n"
+        "        raise ImportError('cannot load module more than once per process') from None\n"
+        "cli.main = main\n"
+        "cli.run()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "commsgd: interrupted"
+    plain = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code.replace("os.kill(os.getpid(), signal.SIGINT)", "raise KeyboardInterrupt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert plain.returncode == 1 and "ImportError" in plain.stderr  # no Ctrl-C: a real error stays one
