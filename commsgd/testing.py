@@ -1,4 +1,5 @@
-"""Helpers for tests and examples: run a function on N local worker processes over gloo.
+"""Helpers for tests and examples: run a function on N local worker processes over gloo, or bind an
+algorithm to one worker in this process (`SoloContext`).
 
 Each worker gets the torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 MASTER_ADDR=127.0.0.1, a free MASTER_PORT), so code under test takes the same path as in a real job.
@@ -15,9 +16,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 
+from commsgd.comm import Communicator
 from commsgd.launch import free_port
+
+
+class SoloContext:
+    """What an algorithm reads from a WorkerContext, for one worker in this process (no process group:
+    its collectives are local copies)."""
+
+    rank, world_size, seed, device = 0, 1, 0, torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.comm = Communicator(0, 1, [0])
+
+    def log_event(self, event: dict[str, object]) -> None:
+        pass
 
 
 def _child(

@@ -42,7 +42,24 @@ def test_pace_is_the_slower_worker_after_the_warm_up() -> None:
         }
     )
     p = limit.pace(run, warmup=2)
-    assert p == limit.Pace(step_s=1.5, bytes_sent=200.0, collectives=2.0)
+    assert p == limit.Pace(step_s=1.5, bytes_sent=200.0, collectives=2.0, lockstep_s=1.5)
+
+
+def test_lockstep_takes_the_slower_worker_of_every_step() -> None:
+    # each worker averages 1 s a step, but they are slow on different steps: a job that waits for
+    # both at every step takes 1.5 s a step with no communication at all
+    run = _run(
+        {
+            0: [(1, 0.0, 0, 0), (2, 0.5, 0, 0), (3, 2.0, 0, 0), (4, 2.5, 0, 0), (5, 4.0, 0, 0)],
+            1: [(1, 0.0, 0, 0), (2, 1.5, 0, 0), (3, 2.0, 0, 0), (4, 3.5, 0, 0), (5, 4.0, 0, 0)],
+        }
+    )
+    p = limit.pace(run, warmup=1)
+    assert p is not None and p.step_s == pytest.approx(1.0) and p.lockstep_s == pytest.approx(1.5)
+    periodic = limit.Row("m", 1.0, "local_sgd", limit.Pace(1.2, 0, 0.25, 1.2), p, limit.Link(1, 0), None)
+    every_step = limit.Row("m", 1.0, "topk", limit.Pace(1.6, 0, 1.0, 1.6), p, limit.Link(1, 0), None)
+    assert periodic.compute_s == pytest.approx(1.0) and every_step.compute_s == pytest.approx(1.5)
+    assert every_step.to_bound == pytest.approx(1.6 / 1.5)
 
 
 def test_pace_needs_steps_after_the_warm_up() -> None:
@@ -52,15 +69,16 @@ def test_pace_needs_steps_after_the_warm_up() -> None:
 
 def test_bound_adds_compute_transfer_and_latencies_and_the_overlap_bound_takes_the_larger() -> None:
     link = limit.Link(gbps=0.1, latency_s=1e-4)
-    p = limit.Pace(step_s=0.25, bytes_sent=1.25e6, collectives=3)  # 1.25 MB at 0.1 Gbit/s: 0.1 s
+    p = limit.Pace(step_s=0.25, bytes_sent=1.25e6, collectives=3, lockstep_s=0.25)  # 1.25 MB: 0.1 s
     assert limit.bound_s(0.1, p, link) == pytest.approx(0.1 + 0.1 + 3e-4)
     assert limit.overlap_bound_s(0.1, p, link) == pytest.approx(0.1)
     assert limit.overlap_bound_s(0.3, p, link) == pytest.approx(0.3)
-    row = limit.Row("m", 0.1, "powersgd", p, 0.1, link, allreduce_s=0.5)
+    reference = limit.Pace(step_s=0.09, bytes_sent=0, collectives=0, lockstep_s=0.1)  # the bound uses 0.1
+    row = limit.Row("m", 0.1, "powersgd", p, reference, link, allreduce_s=0.5)
     assert row.to_bound == pytest.approx(0.25 / 0.2003)
     assert row.to_overlap_bound == pytest.approx(2.5)
     assert row.x_allreduce == pytest.approx(0.5)
-    assert row.cells()[:3] == ["0.1 Gbit/s", "powersgd", "250"]
+    assert row.cells()[:5] == ["0.1 Gbit/s", "powersgd", "250", "90", "100"]
 
 
 def test_rows_compare_with_all_reduce_and_the_goals_name_what_misses_them(tmp_path: Path) -> None:
@@ -81,7 +99,7 @@ def test_rows_compare_with_all_reduce_and_the_goals_name_what_misses_them(tmp_pa
         {"allreduce": 1, "powersgd": 0.4, "topk": 0.6}
     )
     assert all(r.compute_s == pytest.approx(0.1) for r in rows)
-    assert "compute-only step 150 ms and 100 ms (before and after the algorithms)" in env.notes[0]
+    assert "compute-only step 150 ms (lockstep 150 ms) and 100 ms (lockstep 100 ms)" in env.notes[0]
     lines = limit.verdicts(rows)
     assert lines[0] == "- m, 0.1 Gbit/s: compressed steps <= 0.5x all-reduce SGD's: not met by topk 0.60x"
     assert "goal <= 1.1" in lines[1]

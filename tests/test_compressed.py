@@ -9,10 +9,10 @@ from torch import nn
 from commsgd.algorithms import build_algorithm, validate_params
 from commsgd.algorithms.compressed import ErrorFeedbackSGD, Wire
 from commsgd.algorithms.powersgd import planned_rank
-from commsgd.comm import Communicator
 from commsgd.compression import NonFiniteError, RandomK, get
 from commsgd.compression.slices import slice_bounds
 from commsgd.errors import ConfigError
+from commsgd.testing import SoloContext
 
 
 @pytest.mark.parametrize(
@@ -89,16 +89,6 @@ def test_bad_parameters_fail_at_config_time(name: str, params: dict[str, object]
         validate_params(name, params)
 
 
-class _SoloContext:
-    """What the algorithms read from a WorkerContext, for one worker in this process."""
-
-    rank, world_size, seed, device = 0, 1, 0, torch.device("cpu")
-    comm = Communicator(0, 1, [0])
-
-    def log_event(self, event: dict[str, object]) -> None:
-        pass
-
-
 #: algorithms whose failed compression reaches every worker as NaN gradients instead of raising on one
 POISONING = ("ef_sgd", "dist_ef_sgd")
 
@@ -116,7 +106,7 @@ def test_nan_gradient_fails_the_step_and_leaves_the_state_alone(name: str, param
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     algo = build_algorithm(name, params)
-    algo.bind(_SoloContext(), model, torch.optim.SGD(model.parameters(), lr=0.1))  # type: ignore[arg-type]
+    algo.bind(SoloContext(), model, torch.optim.SGD(model.parameters(), lr=0.1))  # type: ignore[arg-type]
     for step in (1, 2):
         for p in model.parameters():
             p.grad = torch.randn_like(p)

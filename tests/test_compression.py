@@ -131,6 +131,21 @@ def test_payload_size_matches_prediction_and_round_trip_keeps_shape(
 
 
 @pytest.mark.parametrize(("name", "params"), CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (9,), (33, 5), (2, 100)], ids=str)
+def test_decompress_into_a_buffer_gives_the_same_bits(
+    name: str, params: dict[str, Any], shape: tuple[int, ...]
+) -> None:
+    c = get(name, **params)
+    x = torch.randn(shape, generator=gen(1))
+    payload = c.compress(x, generator=gen(2), key="t")
+    out = torch.full((math.prod(shape),), math.nan)  # whatever was there is overwritten
+    assert c.decompress(payload, out=out) is out
+    assert torch.equal(out.view(shape), c.decompress(payload))
+    with pytest.raises(ValueError, match="float32 `out`"):
+        c.decompress(payload, out=torch.empty(math.prod(shape) + 1))
+
+
+@pytest.mark.parametrize(("name", "params"), CONFIGS, ids=CONFIG_IDS)
 def test_empty_tensor(name: str, params: dict[str, Any]) -> None:
     c = get(name, **params)
     y = c.decompress(c.compress(torch.zeros(0, 3)))

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import commsgd
-from commsgd.comm import Communicator
 from commsgd.compression import get
 from commsgd.simworld import run_simulated
+from commsgd.testing import SoloContext
 
 WORLD, BATCH, STEPS = 3, 8, 5
 
@@ -111,11 +111,6 @@ def test_bytes_per_step_follow_payload_sizes(runs: list[Any]) -> None:
         assert rank_runs["block_single"][1] == [pytest.approx(single)] * STEPS
 
 
-class _SoloContext:
-    rank, world_size, seed, device = 0, 1, 0, torch.device("cpu")
-    comm = Communicator(0, 1, [0])
-
-
 def test_unscaled_errors_with_rescaling_equal_the_papers_lr_scaled_errors() -> None:
     """One worker, block_sign (C(a x) = a C(x) for a > 0), an lr drop: x -= lr * C(q) with errors in
     gradient units rescaled by eta_{t-1}/eta_t equals the paper's p = eta d + E, x -= C(p)."""
@@ -126,7 +121,7 @@ def test_unscaled_errors_with_rescaling_equal_the_papers_lr_scaled_errors() -> N
         torch.optim.SGD(model.parameters(), lr=lrs[0]),
         commsgd.build_algorithm("dist_ef_sgd", compressor="block_sign", block_size=8),
         model,
-        _SoloContext(),  # type: ignore[arg-type]
+        SoloContext(),  # type: ignore[arg-type]
     )
     x_ref = _flat(model)
     m, e_worker, e_server = (torch.zeros_like(x_ref) for _ in range(3))
@@ -154,7 +149,7 @@ def test_unscaled_errors_with_rescaling_equal_the_papers_lr_scaled_errors() -> N
 def test_on_lr_change_rescales_only_the_errors() -> None:
     model = _model()
     algo = commsgd.build_algorithm("dist_ef_sgd")
-    algo.bind(_SoloContext(), model, torch.optim.SGD(model.parameters(), lr=0.1))  # type: ignore[arg-type]
+    algo.bind(SoloContext(), model, torch.optim.SGD(model.parameters(), lr=0.1))  # type: ignore[arg-type]
     x, y = _batch(1)
     F.cross_entropy(model(x), y).backward()
     algo.after_backward(1)

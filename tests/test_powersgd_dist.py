@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import commsgd
-from commsgd.comm import Communicator
 from commsgd.simworld import run_simulated
-from commsgd.testing import run_distributed
+from commsgd.testing import SoloContext, run_distributed
 
 SHAPES = [(16, 3, 3, 3), (16,), (10, 32), (10, 32), (6, 5), (3, 4), (7,)]
 STEPS = 4
@@ -26,13 +25,6 @@ class _Params(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.tensors = nn.ParameterList(nn.Parameter(torch.zeros(s)) for s in SHAPES)
-
-
-class _SoloContext:
-    """What the reducer reads from a WorkerContext, for one worker in this process (no process group)."""
-
-    rank, world_size, seed, device = 0, 1, 0, torch.device("cpu")
-    comm = Communicator(0, 1, [0])
 
 
 def _gradient(step: int, rank: int) -> list[torch.Tensor]:
@@ -90,7 +82,7 @@ def test_two_workers_equal_one_worker_with_the_mean_gradient(
     two_workers: list[dict[int, list[dict[str, Any]]]], rank: int
 ) -> None:
     workers = [w[rank] for w in two_workers]
-    single = _reduce(_SoloContext(), _mean_gradient, _params(rank))
+    single = _reduce(SoloContext(), _mean_gradient, _params(rank))
     for step in range(STEPS):
         a, b, ref = workers[0][step], workers[1][step], single[step]
         torch.testing.assert_close(a["result"], b["result"], rtol=0, atol=0)

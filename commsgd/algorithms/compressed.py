@@ -49,6 +49,7 @@ from commsgd.compression import (
 )
 from commsgd.config import OptimConfig, bounded
 from commsgd.errors import ConfigError, say
+from commsgd.finite import all_finite
 from commsgd.flat import parameters_of
 
 if TYPE_CHECKING:
@@ -201,23 +202,27 @@ class Wire:
         return out
 
     def unpack(self, data: Tensor, template: Payload | None = None) -> Payload:
-        """The payload packed in `data` (uint8, at least `nbytes`); `template` supplies shared tensors."""
+        """The payload packed in `data` (uint8, at least `nbytes`); `template` supplies shared tensors.
+        Its buffers are views of `data` where their bytes lie on their type's alignment (copies where a
+        received row starts at an odd byte): read them, do not write them."""
         buffers: dict[str, Tensor] = {}
         offset = 0
         for name, (count, dtype) in self.specs.items():
             size = count * dtype.itemsize
-            # clone: a received row may start at any byte, and a typed view needs aligned storage
-            buffers[name] = data[offset : offset + size].clone().view(dtype)
+            part = data[offset : offset + size]
+            aligned = part.is_contiguous() and part.storage_offset() % dtype.itemsize == 0
+            buffers[name] = (part if aligned else part.clone()).view(dtype)
             offset += size
         if template is not None:
             return template.with_buffers(buffers)
         return Payload(buffers, torch.Size([self.numel]), torch.float32)
 
-    def decode(self, data: Tensor, template: Payload | None = None) -> Tensor:
-        """Decompressed float32 vector of the payload packed in `data`."""
+    def decode(self, data: Tensor, template: Payload | None = None, out: Tensor | None = None) -> Tensor:
+        """Decompressed float32 vector of the payload packed in `data`, written into `out` when given
+        (see `Compressor.decompress`)."""
         if self.numel == 0:
-            return torch.zeros(0, dtype=torch.float32, device=data.device)
-        return self.compressor.decompress(self.unpack(data, template))
+            return torch.zeros(0, dtype=torch.float32, device=data.device) if out is None else out
+        return self.compressor.decompress(self.unpack(data, template), out=out)
 
 
 @dataclass
@@ -313,6 +318,7 @@ class ErrorFeedbackSGD(Algorithm):
         self.compressor = self.params.build(self._grads.numels)
         self._wire = Wire(self.compressor, self._grads.numel)
         self._feedback = ErrorFeedback(self.compressor) if self.params.error_feedback else None
+        self._decoded = torch.empty_like(self._grads.buffer)  # where the other workers' rows are decoded
         shared = shares_randomness(self.compressor)
         seed = derived_seed(ctx.seed, 1, None if shared else ctx.rank)
         self._generator = torch.Generator(device=ctx.device).manual_seed(seed)
@@ -338,24 +344,27 @@ class ErrorFeedbackSGD(Algorithm):
                 payload = poisoned(self.compressor.empty_payload(self._grads.numel, device=g.device))
                 failed = True
             average = self._average(payload, failed)
-            if self._feedback is not None and not bool(torch.isfinite(average).all()):
+            if self._feedback is not None and not all_finite([average]):
                 self._feedback.restore("grad", before)  # the job skips this step
             self._grads.scatter(average)
 
     def _average(self, payload: Payload, failed: bool = False) -> Tensor:
-        """Mean over the workers of the decompressed payloads (NaN when this worker's is `failed`)."""
+        """Mean over the workers of the decompressed payloads (NaN when this worker's is `failed`),
+        decoded into the gradient vector itself: the gradient is spent once compressed (a payload never
+        aliases its input), so the step allocates no vector-sized tensor."""
         comm, world = self.bound_ctx.comm, self.bound_ctx.world_size
+        total = self._grads.buffer
         if self.compressor.summable:
             for buffer in payload.buffers.values():
                 comm.all_reduce(buffer, op="sum")
             if failed:  # the poisoned payload has no shared indices to decode with
-                return torch.full_like(self._grads.buffer, math.nan)
-            return self.compressor.decompress(payload).div_(world)
-        send = torch.empty(self._wire.nbytes, dtype=torch.uint8, device=self._grads.buffer.device)
+                return total.fill_(math.nan)
+            return self.compressor.decompress(payload, out=total).div_(world)
+        send = torch.empty(self._wire.nbytes, dtype=torch.uint8, device=total.device)
         rows = comm.all_gather(self._wire.pack(payload, send))
-        total = torch.zeros_like(self._grads.buffer)
-        for row in rows:
-            total.add_(self._wire.decode(row, payload))
+        self._wire.decode(rows[0], payload, out=total)
+        for row in rows[1:]:
+            total.add_(self._wire.decode(row, payload, out=self._decoded))
         return total.div_(world)
 
     def error(self) -> Tensor | None:
@@ -439,19 +448,21 @@ class Signum(OwnsMomentum):
         super().bind(ctx, model, optimizer)
         self.compressor = get("sign")
         self._momentum = torch.zeros_like(self._grads.buffer)
+        self._spare = torch.empty_like(self._grads.buffer)  # the next momentum, then the two swap
         self._traffic = Traffic.for_allreduce(self._grads.numel, ctx.world_size)
 
     def after_backward(self, step: int) -> None:
         comm = self.bound_ctx.comm
         with self._traffic.step(comm):
             g = self._grads.gather()
-            momentum = torch.lerp(self._momentum, g, 1.0 - self.params.beta)
+            momentum = torch.lerp(self._momentum, g, 1.0 - self.params.beta, out=self._spare)
             payload = self.compressor.compress(momentum)  # raises on NaN/Inf before any state changes
-            self._momentum = momentum
+            self._momentum, self._spare = momentum, self._momentum
             rows = comm.all_gather(payload.buffers["bits"])
-            votes = torch.zeros_like(g)
-            for row in rows:
-                votes.add_(unpack_signs(row, g.numel()))
+            votes, signs = g, self._spare  # the gradient is spent; the old momentum is scratch now
+            unpack_signs(rows[0], g.numel(), out=votes)
+            for row in rows[1:]:
+                votes.add_(unpack_signs(row, g.numel(), out=signs))
             self._grads.scatter(votes.sign_().mul_(self.params.lr_scale))
 
     def state_dict(self) -> dict[str, Any]:

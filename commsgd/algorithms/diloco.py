@@ -47,6 +47,7 @@ from commsgd.comm import Pending
 from commsgd.compression import Compressor, ErrorFeedback, NonFiniteError, Payload, poisoned
 from commsgd.config import bounded
 from commsgd.errors import ConfigError
+from commsgd.finite import all_finite
 from commsgd.flat import by_dtype, parameters_of
 
 if TYPE_CHECKING:
@@ -278,7 +279,7 @@ class DiLoCo(Algorithm):
         average = self._settle(item)
         self.in_flight.remove(item)
         fragment = self.fragments[item.fragment]
-        if bool(torch.isfinite(average).all()):
+        if all_finite([average]):
             fragment.global_.grad = average
             fragment.outer.step()
             fragment.global_.grad = None

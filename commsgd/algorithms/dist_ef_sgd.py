@@ -96,6 +96,16 @@ class Slice:
         return self.stop - self.start
 
 
+@dataclass
+class Spare:
+    """The buffers a step writes its new momentum and errors into; they swap with the kept ones after a
+    step that succeeded, so a failed step leaves the state as it was and no step allocates them anew."""
+
+    momentum: Tensor
+    error: Tensor
+    server_error: Tensor
+
+
 @register
 class DistEFSGD(OwnsMomentum):
     """Two-way compressed SGD with Nesterov momentum and error feedback on both sides."""
@@ -131,6 +141,10 @@ class DistEFSGD(OwnsMomentum):
         self._momentum = torch.zeros(numel, device=device)
         self._error = torch.zeros(numel, device=device)
         self._server_error = torch.zeros(served, device=device)
+        # where the next momentum and errors are written while the current ones stay intact (a failed
+        # step keeps them): the two of each kind swap after a step; plus one vector to decode into
+        self._spare = Spare(*(torch.empty(n, device=device) for n in (numel, numel, served)))
+        self._decoded = torch.empty(numel, device=device)
         self._worker_gen = torch.Generator(device=device).manual_seed(derived_seed(ctx.seed, 2, ctx.rank))
         # one stream for the server role, whichever ranks play it: the same draws as one server's
         self._server_gen = torch.Generator(device=device).manual_seed(derived_seed(ctx.seed, 3))
@@ -167,14 +181,15 @@ class DistEFSGD(OwnsMomentum):
             self.failed_steps += 1
             self._grads.scatter(torch.full_like(self._grads.buffer, math.nan))
             return
-        self._momentum, error = worker_state
+        momentum, error = worker_state
+        self._momentum, self._spare.momentum = momentum, self._momentum
         if error is not None:
-            self._error = error
+            self._error, self._spare.error = error, self._error
         if server_error is not None:
-            self._server_error = server_error
+            self._server_error, self._spare.server_error = server_error, self._server_error
         result = self._grads.buffer  # the gradient is spent: the result goes where it was (no copy)
         for piece, row in zip(self._slices, rows):
-            result[piece.start : piece.stop] = piece.wire.decode(row)
+            piece.wire.decode(row, out=result[piece.start : piece.stop])
         self._grads.scatter(result)
 
     def _worker_compress(self, step: int) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
@@ -186,10 +201,11 @@ class DistEFSGD(OwnsMomentum):
             for view, p, wd in zip(g.split(self._grads.numels), self._grads.params, self._decay):
                 if wd:
                     view.add_(p.detach().reshape(-1), alpha=wd)
-        mu = self.params.momentum
-        momentum = torch.add(g, self._momentum, alpha=mu)
-        direction = torch.add(g, momentum, alpha=mu) if self.params.nesterov else momentum
-        corrected = direction + self._error if self.params.error_feedback else direction
+        mu, feedback = self.params.momentum, self.params.error_feedback
+        momentum = torch.add(g, self._momentum, alpha=mu, out=self._spare.momentum)
+        # the gradient is not needed past the momentum: the direction is written over it
+        direction = g.add_(momentum, alpha=mu) if self.params.nesterov else momentum
+        corrected = torch.add(direction, self._error, out=self._spare.error) if feedback else direction
         packed = torch.zeros(len(self._slices), self._row, dtype=torch.uint8, device=g.device)
         try:
             payloads = self._compress(corrected, self._worker_gen)
@@ -197,14 +213,14 @@ class DistEFSGD(OwnsMomentum):
             compression_failed(self.bound_ctx, step, exc)
             packed[:, -1] = 1
             return packed, None
-        sent = torch.empty_like(corrected) if self.params.error_feedback else corrected
         for row, piece, payload in zip(packed, self._slices, payloads):
             if piece.numel == 0:
                 continue
             piece.wire.pack(payload, row)
-            if self.params.error_feedback:
-                sent[piece.start : piece.stop] = piece.compressor.decompress(payload)
-        return packed, (momentum, corrected.sub_(sent) if self.params.error_feedback else None)
+            if feedback:
+                part = slice(piece.start, piece.stop)
+                corrected[part].sub_(piece.compressor.decompress(payload, out=self._decoded[part]))
+        return packed, (momentum, corrected if feedback else None)
 
     def _compress(self, x: Tensor, generator: torch.Generator) -> list[Payload]:
         """C(x) for the whole vector, one payload per slice (each slice's part of the one result)."""
@@ -221,10 +237,14 @@ class DistEFSGD(OwnsMomentum):
         new server error (None when it failed)."""
         out = torch.zeros(self._row, dtype=torch.uint8, device=self._grads.buffer.device)
         failed = bool(received[:, -1].any())
-        mean = torch.zeros(piece.numel, device=out.device)
-        if not failed:
-            for row in received:
-                mean.add_(piece.wire.decode(row))
+        mean = self._spare.server_error  # the next server error (scratch without error feedback)
+        if failed:
+            mean.zero_()
+        else:
+            decoded = self._decoded[: piece.numel]
+            piece.wire.decode(received[0], out=mean)
+            for row in received[1:]:
+                mean.add_(piece.wire.decode(row, out=decoded))
             mean.div_(received.shape[0])
             if self.params.error_feedback:
                 mean.add_(self._server_error)
@@ -237,7 +257,9 @@ class DistEFSGD(OwnsMomentum):
             out[-1] = 1
             return out, None
         piece.wire.pack(payload, out)
-        return out, mean.sub_(piece.compressor.decompress(payload)) if self.params.error_feedback else None
+        if not self.params.error_feedback:
+            return out, None
+        return out, mean.sub_(piece.compressor.decompress(payload, out=self._decoded[: piece.numel]))
 
     def _serve_compress(self, mean: Tensor) -> Payload:
         """C(q) for the served part: all of q, or this rank's slice of it (collective when sharded)."""

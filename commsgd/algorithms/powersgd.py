@@ -40,6 +40,7 @@ from commsgd.algorithms.base import Algorithm, register
 from commsgd.algorithms.compressed import FlatGradients, Traffic, derived_seed, load_into
 from commsgd.compression import NonFiniteError, initial_q, low_rank, orthonormalize_
 from commsgd.config import bounded
+from commsgd.finite import all_finite
 from commsgd.flat import parameters_of
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ class PowerSGD(Algorithm):
 
     def _check_finite(self, plain: Tensor | None) -> None:
         for name, t in (("P", self._p), ("uncompressed gradients", plain)):
-            if t is not None and not bool(torch.isfinite(t).all()):
+            if t is not None and not all_finite([t]):
                 raise NonFiniteError(
                     f"powersgd: the all-reduced {name} hold NaN or Inf (a worker's gradient)"
                 )

@@ -9,11 +9,15 @@ For each model, link rate and algorithm, from the steps after the warm-up (the s
 - compute-only: the step of local SGD with no averaging round in the run (same model, batch, node,
   threads, data; no communication) - what the step would cost over an infinitely fast link; run before
   and after the algorithms, the faster of the two;
-- bound: compute-only + bytes sent per step / link rate + latency x collectives per step, with the rate
+- lockstep: the same run's mean over steps of the slower worker's step: what an algorithm that waits for
+  both workers at every step pays for compute alone (a node's step varies by 10-15 % from step to step
+  here, so the slower of two is above either's mean);
+- bound: compute + bytes sent per step / link rate + latency x collectives per step, with the rate
   of one TCP stream across the shaped link and the latency of a one-float all-reduce of the two workers
   (`commsgd.bench.latency`, through commsgd's communication layer), both measured on the cluster;
+  compute is the lockstep figure for algorithms with a collective every step, compute-only otherwise;
 - step / bound: 1.0 is the physical limit of a step that does not overlap communication with compute;
-- step / max: step / max(compute-only, bytes / rate), the limit of a step whose communication hides
+- step / max: step / max(compute, bytes / rate), the limit of a step whose communication hides
   behind the backward pass;
 - x allreduce: step / all-reduce SGD's step at the same rate.
 
@@ -24,6 +28,7 @@ rounds and the steps between them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -141,28 +146,34 @@ class Pace:
     step_s: float
     bytes_sent: float
     collectives: float
+    lockstep_s: float  # mean over steps of the slower worker's seconds for that step
 
 
 def pace(run: Run, warmup: int) -> Pace | None:
-    """Per-step seconds, bytes sent and collectives between step `warmup` and the last step, the maximum
-    over workers (the job moves at its slowest worker's pace); None without both steps in the metrics."""
-    per_rank = []
-    for records in run.metrics.values():
-        rows = {r["step"]: r for r in records if isinstance(r.get("step"), int)}
-        if warmup not in rows or not rows or max(rows) <= warmup:
-            return None
-        first, last = rows[warmup], rows[max(rows)]
-        steps = last["step"] - warmup
-        per_rank.append(
-            Pace(
-                (float(last["wall_s"]) - float(first["wall_s"])) / steps,
-                (float(last["bytes_sent"]) - float(first["bytes_sent"])) / steps,
-                (float(last.get("collectives", 0)) - float(first.get("collectives", 0))) / steps,
-            )
-        )
+    """Per-step seconds, bytes sent and collectives between step `warmup` and the last step every worker
+    logged, the maximum over workers (the job moves at its slowest worker's pace), and the lockstep
+    seconds (between consecutive logged steps, the slower worker's time); None without steps after the
+    warm-up in every worker's metrics."""
+    per_rank = [
+        {r["step"]: r for r in records if isinstance(r.get("step"), int)} for records in run.metrics.values()
+    ]
     if not per_rank:
         return None
-    return Pace(*(max(getattr(p, f) for p in per_rank) for f in ("step_s", "bytes_sent", "collectives")))
+    logged = sorted(set.intersection(*(set(rows) for rows in per_rank)))
+    if warmup not in logged or logged[-1] <= warmup:
+        return None
+    span = [step for step in logged if step >= warmup]
+    steps = span[-1] - warmup
+
+    def between(a: int, b: int, field: str) -> float:
+        """The larger of the workers' change in `field` from step a to step b."""
+        return max(float(r[b].get(field, 0)) - float(r[a].get(field, 0)) for r in per_rank)
+
+    def per_step(field: str) -> float:
+        return between(warmup, span[-1], field) / steps
+
+    slower = [between(a, b, "wall_s") for a, b in itertools.pairwise(span)]
+    return Pace(per_step("wall_s"), per_step("bytes_sent"), per_step("collectives"), sum(slower) / steps)
 
 
 @dataclass(frozen=True)
@@ -193,9 +204,15 @@ class Row:
     gbps: float
     algorithm: str
     pace: Pace
-    compute_s: float
+    reference: Pace  # the compute-only run's
     link: Link
     allreduce_s: float | None
+
+    @property
+    def compute_s(self) -> float:
+        """The compute the step cannot avoid: the lockstep compute-only step for an algorithm that meets
+        the other worker at every step, the plain one for a periodic method."""
+        return self.reference.lockstep_s if self.pace.collectives >= 1 else self.reference.step_s
 
     @property
     def bound_s(self) -> float:
@@ -220,7 +237,8 @@ class Row:
             f"{self.gbps:g} Gbit/s",
             self.algorithm,
             f"{self.pace.step_s * 1e3:.0f}",
-            f"{self.compute_s * 1e3:.0f}",
+            f"{self.reference.step_s * 1e3:.0f}",
+            f"{self.reference.lockstep_s * 1e3:.0f}",
             human_bytes(self.pace.bytes_sent),
             f"{self.pace.collectives:.1f}",
             f"{self.bound_s * 1e3:.0f}",
@@ -235,7 +253,9 @@ class Row:
             "gbps": self.gbps,
             "algorithm": self.algorithm,
             "step_s": self.pace.step_s,
-            "compute_only_s": self.compute_s,
+            "compute_only_s": self.reference.step_s,
+            "lockstep_compute_s": self.reference.lockstep_s,
+            "bound_compute_s": self.compute_s,
             "bytes_per_step": self.pace.bytes_sent,
             "collectives_per_step": self.pace.collectives,
             "bound_s": self.bound_s,
@@ -252,6 +272,7 @@ HEADERS = [
     "algorithm",
     "step (ms)",
     "compute-only (ms)",
+    "lockstep (ms)",
     "bytes / step",
     "collectives / step",
     "bound (ms)",
@@ -296,15 +317,15 @@ def _link(env: BenchEnv, model: str, gbps: float) -> Link:
 
 def rows_for(env: BenchEnv, model: Model, gbps: float, runs: dict[str, Run | None], link: Link) -> list[Row]:
     found = [pace(r, model.warmup) for label in REFERENCES if (r := runs.get(label)) is not None]
-    references = [p.step_s for p in found if p is not None]
+    references = [p for p in found if p is not None]
     if not references:
         env.note(f"limit: {model.name} at {gbps:g} Gbit/s: no compute-only run finished; no rows")
         return []
-    compute = min(references)
+    reference = min(references, key=lambda p: p.step_s)
     env.note(
         f"limit: {model.name} at {gbps:g} Gbit/s: compute-only step "
-        + " and ".join(f"{1e3 * s:.0f} ms" for s in references)
-        + " (before and after the algorithms); the bound uses the faster"
+        + " and ".join(f"{1e3 * p.step_s:.0f} ms (lockstep {1e3 * p.lockstep_s:.0f} ms)" for p in references)
+        + " (before and after the algorithms); the bound uses the faster run"
     )
     paces = {
         label: pace(r, model.warmup) for label, r in runs.items() if r is not None and label not in REFERENCES
@@ -315,7 +336,7 @@ def rows_for(env: BenchEnv, model: Model, gbps: float, runs: dict[str, Run | Non
         if p is None:
             env.note(f"limit: {run_name(model.name, gbps, label)}: too few steps in its metrics")
             continue
-        rows.append(Row(model.name, gbps, label, p, compute, link, allreduce.step_s if allreduce else None))
+        rows.append(Row(model.name, gbps, label, p, reference, link, allreduce.step_s if allreduce else None))
     return rows
 
 

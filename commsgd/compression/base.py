@@ -90,13 +90,27 @@ class Compressor(ABC):
         self._encode(x.detach().reshape(-1).to(torch.float32), payload, generator=generator, key=key)
         return payload
 
-    def decompress(self, payload: Payload) -> Tensor:
+    def decompress(self, payload: Payload, *, out: Tensor | None = None) -> Tensor:
         """The tensor `payload` stands for, in its original shape and dtype (for `none` and uncompressed
-        powersgd tensors, a view of the payload's buffer)."""
+        powersgd tensors, a view of the payload's buffer).
+
+        `out`: a contiguous float32 tensor of `payload.numel` elements (any shape) to decode into and
+        return, allocating nothing the size of the vector: a step that decodes every step into the same
+        buffers touches no fresh pages (a new 60 MB tensor costs about five times its fill in page faults).
+        """
+        if out is not None:
+            if out.dtype != torch.float32 or out.numel() != payload.numel or not out.is_contiguous():
+                raise ValueError(
+                    f"{self.name}: decompress needs a contiguous float32 `out` of {payload.numel} elements, "
+                    f"got {out.dtype} of {out.numel()}"
+                )
+            if payload.numel:
+                self._decode(payload, out.view(-1))
+            return out
         if payload.numel == 0:
             device = next(iter(payload.buffers.values())).device if payload.buffers else None
             return torch.zeros(payload.shape, dtype=payload.dtype, device=device)
-        return self._decode(payload).view(payload.shape).to(payload.dtype)
+        return self._decode(payload, None).view(payload.shape).to(payload.dtype)
 
     def delta(self, numel: int) -> float | None:
         """The delta it guarantees: ||x - C(x)||^2 <= (1 - delta) ||x||^2 for every x of `numel`
@@ -138,8 +152,14 @@ class Compressor(ABC):
         view of the caller's tensor, so never modify it in place."""
 
     @abstractmethod
-    def _decode(self, payload: Payload) -> Tensor:
-        """Flat float32 tensor of `payload.numel` elements."""
+    def _decode(self, payload: Payload, out: Tensor | None) -> Tensor:
+        """Flat float32 tensor of `payload.numel` elements (non-empty): written into `out` (flat, float32,
+        that many elements) when given, else a new tensor or a view of the payload's buffer."""
+
+
+def output(numel: int, out: Tensor | None, like: Tensor) -> Tensor:
+    """`out`, or a new float32 vector of `numel` elements on `like`'s device: where `_decode` writes."""
+    return torch.empty(numel, dtype=torch.float32, device=like.device) if out is None else out
 
 
 def poisoned(payload: Payload) -> Payload:

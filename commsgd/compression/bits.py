@@ -46,13 +46,23 @@ def pack_signs(x: Tensor) -> Tensor:
     return packed
 
 
-def unpack_signs(packed: Tensor, numel: int, scale: Tensor | None = None) -> Tensor:
+def unpack_signs(
+    packed: Tensor, numel: int, scale: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
     """float32 +1/-1 for each of the first `numel` bits of `packed`, times `scale` (one element) when
-    given: scaling the 256-row table instead of the result saves a pass over it, with the same products."""
+    given: scaling the 256-row table instead of the result saves a pass over it, with the same products.
+    Written into `out` (flat, float32, `numel` elements) when given."""
     table = _sign_table(packed.device)
     if scale is not None:
         table = table * scale
-    return table.index_select(0, packed.to(torch.int32)).view(-1)[:numel]
+    index = packed.to(torch.int32)
+    if out is None:
+        return table.index_select(0, index).view(-1)[:numel]
+    whole = numel // 8
+    torch.index_select(table, 0, index[:whole], out=out[: 8 * whole].view(whole, 8))
+    if numel > 8 * whole:
+        out[8 * whole :].copy_(table[index[whole]][: numel - 8 * whole])
+    return out
 
 
 @functools.lru_cache(maxsize=8)

@@ -67,3 +67,29 @@ class Blocks:
             torch.mul(src, factors[first : first + src.shape[0]].unsqueeze(1), out=dst)
             first += src.shape[0]
         return out
+
+
+#: elements whose |x| `abs_sums` holds at a time: small enough to stay in cache, so that the sum of a
+#: vector's magnitudes makes no copy of the vector (a 60 MB temporary costs more than the sum itself)
+ABS_CHUNK = 1 << 16
+
+
+def abs_sums(view: Tensor) -> Tensor:
+    """sum |x| of each row of a 2-D float32 `view`, through one cache-sized buffer. Rows of up to
+    `ABS_CHUNK` elements are summed as torch sums them; a longer row is the sum of its chunks' sums."""
+    rows, size = view.shape
+    sums = torch.zeros(rows, dtype=view.dtype, device=view.device)
+    scratch = torch.empty(min(rows * size, ABS_CHUNK), dtype=view.dtype, device=view.device)
+    if size <= ABS_CHUNK:
+        per = max(1, ABS_CHUNK // max(size, 1))
+        for first in range(0, rows, per):
+            part = view[first : first + per]
+            magnitudes = torch.abs(part, out=scratch[: part.numel()].view(part.shape))
+            torch.sum(magnitudes, dim=1, out=sums[first : first + per])
+        return sums
+    for row in range(rows):
+        total = sums[row : row + 1]
+        for start in range(0, size, ABS_CHUNK):
+            part = view[row, start : start + ABS_CHUNK]
+            total.add_(torch.abs(part, out=scratch[: part.numel()]).sum())
+    return sums

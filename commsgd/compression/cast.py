@@ -30,8 +30,9 @@ class Cast(Compressor):
         check_finite(self.name, *torch.aminmax(values))
         payload.buffers["values"] = values
 
-    def _decode(self, payload: Payload) -> Tensor:
-        return payload.buffers["values"].to(torch.float32)
+    def _decode(self, payload: Payload, out: Tensor | None) -> Tensor:
+        values = payload.buffers["values"]
+        return values.to(torch.float32) if out is None else out.copy_(values)
 
 
 class Identity(Cast):

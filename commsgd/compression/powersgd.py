@@ -108,13 +108,17 @@ class PowerSGD(Compressor):
         payload.buffers["p"] = pt.reshape(-1)
         payload.buffers["q"] = new_qt.reshape(-1)
 
-    def _decode(self, payload: Payload) -> Tensor:
+    def _decode(self, payload: Payload, out: Tensor | None) -> Tensor:
         r = low_rank(payload.shape, self.rank)
         if r is None:
-            return payload.buffers["values"]
+            values = payload.buffers["values"]
+            return values if out is None else out.copy_(values)
         pt = payload.buffers["p"].view(r, -1)
         qt = payload.buffers["q"].view(r, -1)
-        return (pt.T @ qt).reshape(-1)
+        if out is None:
+            return (pt.T @ qt).reshape(-1)
+        torch.matmul(pt.T, qt, out=out.view(pt.shape[1], qt.shape[1]))
+        return out
 
     def _warm_qt(self, key: StateKey, columns: int, rank: int, device: torch.device) -> Tensor:
         qt = self._qt.get(key)

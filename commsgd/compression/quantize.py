@@ -16,6 +16,7 @@ from commsgd.compression.base import (
     check_finite,
     float_param,
     int_param,
+    output,
 )
 from commsgd.compression.blocks import Blocks
 
@@ -80,11 +81,18 @@ def round_to_levels(
     return levels
 
 
-def from_levels(levels: Tensor, to_values: Callable[[int, int, Tensor], Tensor], *, align: int = 1) -> Tensor:
-    """float32 values of integer `levels`, where to_values(start, stop, out) turns `out`, holding levels
-    [start, stop) as floats, into their values in place. Chunks of `chunk_size(align)` elements are
-    converted and mapped while in cache, one pass over the result instead of three."""
-    values = torch.empty(levels.numel(), dtype=torch.float32, device=levels.device)
+def from_levels(
+    levels: Tensor,
+    to_values: Callable[[int, int, Tensor], Tensor],
+    *,
+    align: int = 1,
+    out: Tensor | None = None,
+) -> Tensor:
+    """float32 values of integer `levels` (written into `out` when given), where to_values(start, stop,
+    part) turns `part`, holding levels [start, stop) as floats, into their values in place. Chunks of
+    `chunk_size(align)` elements are converted and mapped while in cache, one pass over the result
+    instead of three."""
+    values = output(levels.numel(), out, levels)
     chunk = chunk_size(align)
     for start in range(0, levels.numel(), chunk):
         stop = min(start + chunk, levels.numel())
@@ -154,13 +162,13 @@ class QSGD(Compressor):
         )
         payload.buffers["norms"] = norms
 
-    def _decode(self, payload: Payload) -> Tensor:
+    def _decode(self, payload: Payload, out: Tensor | None) -> Tensor:
         steps = payload.buffers["norms"] / self.levels
 
         def scaled(start: int, stop: int, out: Tensor) -> Tensor:
             return self._scale_buckets(out, start, steps, out)
 
-        return from_levels(payload.buffers["levels"], scaled, align=self.bucket_size)
+        return from_levels(payload.buffers["levels"], scaled, align=self.bucket_size, out=out)
 
     def _scale_buckets(self, part: Tensor, start: int, factors: Tensor, out: Tensor) -> Tensor:
         """out = `part`, elements [start, start + len(part)) of a vector with `start` on a bucket edge,
@@ -243,6 +251,8 @@ class Rounding(Compressor):
         payload.buffers["center"] = center.reshape(1)
         payload.buffers["step"] = step.reshape(1)
 
-    def _decode(self, payload: Payload) -> Tensor:
+    def _decode(self, payload: Payload, out: Tensor | None) -> Tensor:
         step, center = payload.buffers["step"], payload.buffers["center"]
-        return from_levels(payload.buffers["levels"], lambda start, stop, out: out.mul_(step).add_(center))
+        return from_levels(
+            payload.buffers["levels"], lambda start, stop, part: part.mul_(step).add_(center), out=out
+        )

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from commsgd.compression.base import BufferSpec, Compressor, Payload, check_finite, int_param
 from commsgd.compression.bits import pack_signs, packed_size, unpack_signs
-from commsgd.compression.blocks import Blocks
+from commsgd.compression.blocks import Blocks, abs_sums
 from commsgd.errors import ConfigError
 
 
@@ -32,8 +32,8 @@ class Sign(Compressor):
         check_finite(self.name, *torch.aminmax(flat))
         payload.buffers["bits"] = pack_signs(flat)
 
-    def _decode(self, payload: Payload) -> Tensor:
-        return unpack_signs(payload.buffers["bits"], payload.numel)
+    def _decode(self, payload: Payload, out: Tensor | None) -> Tensor:
+        return unpack_signs(payload.buffers["bits"], payload.numel, out=out)
 
 
 class ScaledSign(Compressor):
@@ -67,11 +67,11 @@ class ScaledSign(Compressor):
         payload.buffers["bits"] = pack_signs(flat)
         payload.buffers["scales"] = scales
 
-    def _decode(self, payload: Payload) -> Tensor:
+    def _decode(self, payload: Payload, out: Tensor | None) -> Tensor:
         blocks, scales = self.blocks(payload.numel), payload.buffers["scales"]
         if blocks.count == 1:
-            return unpack_signs(payload.buffers["bits"], payload.numel, scale=scales)
-        signs = unpack_signs(payload.buffers["bits"], payload.numel)
+            return unpack_signs(payload.buffers["bits"], payload.numel, scale=scales, out=out)
+        signs = unpack_signs(payload.buffers["bits"], payload.numel, out=out)
         return blocks.scale(signs, scales, out=signs)
 
 
@@ -106,4 +106,4 @@ class BlockSign(ScaledSign):
 
 def _mean_abs(view: Tensor) -> Tensor:
     """Mean |x| of each row; NaN or Inf in a row makes its mean non-finite."""
-    return view.abs().sum(dim=1).div_(view.shape[1])
+    return abs_sums(view).div_(view.shape[1])

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from commsgd.compression.base import Compressor, Payload, check_finite
 from commsgd.compression.bits import pack_signs
-from commsgd.compression.blocks import Blocks
+from commsgd.compression.blocks import Blocks, abs_sums
 from commsgd.compression.cast import Cast
 from commsgd.compression.quantize import QSGD, Rounding, noise_words, skip_noise
 from commsgd.compression.sign import BlockSign, ScaledSign, Sign
@@ -134,7 +134,7 @@ class SignSlices(SliceCodec):
     def _sums(self, part: Tensor, j: int) -> Tensor:
         """L1 norm of every piece of slice j."""
         layout = Blocks.of_sizes([n for _, n in self._pieces[j]])
-        return layout.reduce(part, lambda view: view.abs().sum(dim=1))
+        return layout.reduce(part, abs_sums)
 
     def stats(self, part: Tensor, j: int) -> Tensor:
         shares = torch.zeros(self.num_stats, dtype=torch.float32, device=part.device)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from commsgd.compression.base import BufferSpec, Compressor, Payload, check_finite, float_param, int_param
+from commsgd.compression.base import (
+    BufferSpec,
+    Compressor,
+    Payload,
+    check_finite,
+    float_param,
+    int_param,
+    output,
+)
 from commsgd.errors import ConfigError
 
 _MAX_INT32_NUMEL = 2**31 - 1
@@ -43,9 +51,9 @@ class Sparsifier(Compressor):
     def _indices(self, payload: Payload) -> Tensor:
         return payload.buffers["indices"]
 
-    def _decode(self, payload: Payload) -> Tensor:
+    def _decode(self, payload: Payload, out: Tensor | None) -> Tensor:
         values = payload.buffers["values"]
-        out = torch.zeros(payload.numel, dtype=torch.float32, device=values.device)
+        out = output(payload.numel, out, values).zero_()
         indices = self._indices(payload).to(torch.int64)
         if self.repeats_add:
             return out.index_add_(0, indices, values)
