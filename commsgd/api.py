@@ -214,7 +214,7 @@ class CommOptimizer:
             self._bad_step(bad)
             self._zero_gradients()
         self.algorithm.after_backward(self.steps)
-        if not all_finite(self._gradients()):
+        if self.algorithm.replaces_gradients and not all_finite(self._gradients()):
             if bad is None:
                 bad = AFTER_COMMUNICATION
                 self._bad_step(bad)

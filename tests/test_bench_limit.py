@@ -100,6 +100,7 @@ def test_rows_compare_with_all_reduce_and_the_goals_name_what_misses_them(tmp_pa
     )
     assert all(r.compute_s == pytest.approx(0.1) for r in rows)
     assert "compute-only step 150 ms (lockstep 150 ms) and 100 ms (lockstep 100 ms)" in env.notes[0]
+    assert "changed by 50 % between the first and the last run" in env.notes[1]
     lines = limit.verdicts(rows)
     assert lines[0] == "- m, 0.1 Gbit/s: compressed steps <= 0.5x all-reduce SGD's: not met by topk 0.60x"
     assert "goal <= 1.1" in lines[1]

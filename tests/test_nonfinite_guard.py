@@ -77,3 +77,65 @@ def test_the_summing_fallback_catches_the_same(monkeypatch: pytest.MonkeyPatch, 
     assert all_finite(tensors)
     tensors[1][1, 0] = bad
     assert not all_finite(tensors)
+
+
+#: algorithms whose `after_backward` must leave `.grad` as backward left it (`replaces_gradients`)
+GRADIENT_KEEPING = [
+    ("local_sgd", {"tau": 2}),
+    ("easgd", {"tau": 2}),  # a RoundAlgorithm, as lsgd (whose node layout this one-worker context lacks)
+    ("diloco", {"inner_steps": 2}),
+    ("sgd", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), GRADIENT_KEEPING)
+def test_model_averaging_algorithms_leave_the_gradient_and_the_guard_checks_it_once(
+    name: str, params: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from commsgd import api
+    from commsgd.algorithms import build_algorithm
+    from commsgd.testing import SoloContext
+
+    algo = build_algorithm(name, params)
+    assert not algo.replaces_gradients
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    opt = commsgd.CommOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), algo, model, SoloContext())  # type: ignore[arg-type]
+    checks: list[int] = []
+    monkeypatch.setattr(api, "all_finite", lambda tensors: checks.append(1) or all_finite(tensors))
+    seen: list[list[torch.Tensor]] = []
+    original = algo.after_backward
+
+    def after_backward(step: int) -> None:
+        before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        original(step)
+        seen.append(before)
+        after = [p.grad for p in model.parameters() if p.grad is not None]
+        assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+
+    algo.after_backward = after_backward  # type: ignore[method-assign]
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    for _ in range(4):  # two rounds each
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step(loss)
+    assert len(seen) == 4 and len(checks) == 4  # one check a step: before the algorithm, not after
+
+
+def test_an_algorithm_that_writes_gradients_gets_them_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from commsgd import api
+    from commsgd.algorithms import build_algorithm
+    from commsgd.testing import SoloContext
+
+    algo = build_algorithm("ef_sgd")
+    assert algo.replaces_gradients
+    model = torch.nn.Linear(4, 1)
+    opt = commsgd.CommOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), algo, model, SoloContext())  # type: ignore[arg-type]
+    checks: list[int] = []
+    monkeypatch.setattr(api, "all_finite", lambda tensors: checks.append(1) or all_finite(tensors))
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.ones(2, 4)).sum()
+        loss.backward()
+        opt.step(loss)
+    assert len(checks) == 6  # the local gradient, then what came back

@@ -36,6 +36,7 @@ class SGD(Algorithm):
     name = "sgd"
     summary_line = "plain SGD on one worker (no communication)"
     single_worker = True
+    replaces_gradients = False
 
 
 @dataclass

@@ -85,6 +85,10 @@ class Algorithm:
     inner_optimizers: ClassVar[tuple[str, ...]] = ("sgd", "adamw")
     #: why only those (said when another is asked for)
     inner_optimizer_reason: ClassVar[str] = ""
+    #: `after_backward` may write `.grad` (communicated gradients): the non-finite guard checks them
+    #: again after it. False for algorithms that communicate models and leave the gradient as backward
+    #: left it (a gradient checked before `after_backward` is then still finite: one check a step).
+    replaces_gradients: ClassVar[bool] = True
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()

@@ -171,6 +171,7 @@ class DiLoCo(Algorithm):
     )
     Params = DiLoCoParams
     params: DiLoCoParams
+    replaces_gradients = False  # outer steps move the parameters; the inner gradient stays backward's
 
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)

@@ -181,6 +181,7 @@ class EASGDServer(ServerAlgorithm):
     name = "easgd"
     summary_line = EASGD.summary_line
     Params = EASGDParams
+    replaces_gradients = False  # the elastic exchange moves the parameters
     params: EASGDParams
 
     def __init__(self, params: Any = None) -> None:

@@ -33,6 +33,7 @@ class LocalSGD(Algorithm):
 
     name = "local_sgd"
     summary_line = "local SGD: models averaged by all-reduce every tau steps"
+    replaces_gradients = False
     Params = LocalSGDParams
     params: LocalSGDParams
 

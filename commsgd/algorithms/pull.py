@@ -92,6 +92,8 @@ class RoundAlgorithm(Algorithm):
     captures the point the pull is measured from (`self.source`) and runs the schedule.
     """
 
+    replaces_gradients = False  # rounds move the parameters; the gradient stays backward's
+
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)
         #: capture the pre-step parameters on every step (LSGD's every-step pull), not only on rounds

@@ -50,6 +50,8 @@ COMPUTE = "compute-only"
 #: shows as their difference, in the notes)
 COMPUTE_AFTER = "compute-only-after"
 REFERENCES = (COMPUTE, COMPUTE_AFTER)
+#: a change of the compute-only step between before and after beyond this is said in the notes
+DRIFT = 0.1
 NO_ROUND = 10**6
 NODES = 2
 
@@ -327,6 +329,13 @@ def rows_for(env: BenchEnv, model: Model, gbps: float, runs: dict[str, Run | Non
         + " and ".join(f"{1e3 * p.step_s:.0f} ms (lockstep {1e3 * p.lockstep_s:.0f} ms)" for p in references)
         + " (before and after the algorithms); the bound uses the faster run"
     )
+    drift = max(p.step_s for p in references) / reference.step_s - 1
+    if drift > DRIFT:
+        env.note(
+            f"limit: {model.name} at {gbps:g} Gbit/s: the node's compute-only step changed by "
+            f"{100 * drift:.0f} % between the first and the last run, so the ratios of the runs in between "
+            "carry about that much uncertainty"
+        )
     paces = {
         label: pace(r, model.warmup) for label, r in runs.items() if r is not None and label not in REFERENCES
     }
