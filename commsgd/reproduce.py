@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -203,13 +204,13 @@ def _descend(
     `objective(x)` gives the value and its gradient (closed form: no autograd graph for a 2-D point);
     the gradient goes into `.grad` and `CommOptimizer.step(value)` runs the algorithm as in training."""
     from commsgd.api import CommOptimizer
-    from commsgd.problems import Point
+    from commsgd.problems import PlainSGD, Point
     from commsgd.simworld import report_progress
 
     model = Point(start)
     algo = _algorithm(method, s["pull"], beta, s["period"])
-    sgd = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=0.0, foreach=False)  # no per-step probe
-    opt = CommOptimizer(sgd, algo, model, ctx)
+    sgd = PlainSGD(model.parameters(), lr=s["lr"])  # torch.optim.SGD's result without its per-step hooks
+    opt = CommOptimizer(typing.cast(torch.optim.Optimizer, sgd), algo, model, ctx)
 
     every = max(1, s["steps"] // 100)
     x = model.x  # the one parameter (the algorithms move its values, never replace it)

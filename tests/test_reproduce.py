@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from commsgd.cli import main
-from commsgd.problems import PAPER_POINTS, matrix_objective, parse_points, toy2d_loss
+from commsgd.problems import PAPER_POINTS, PlainSGD, matrix_objective, parse_points, toy2d_loss
 
 multiprocess = pytest.mark.multiprocess
 
@@ -136,3 +136,25 @@ def test_simulated_workers_give_what_threads_give() -> None:
     matrix = dict(reproduce.DEFAULTS["matrix-completion"], dim=20, rank=2, workers=3, trials=2, steps=30)
     curves = SimulatedWorld(3).run(reproduce._matrix_worker, matrix)
     assert SimulatedWorld(3, scheduler="greenlet").run(reproduce._matrix_worker, matrix) == curves
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_sgd_steps_as_torch_sgd_does_bit_for_bit(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(3)
+    start = [torch.randn(shape, generator=generator, dtype=dtype) for shape in ((5, 3), (4,))]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    plain, reference = PlainSGD(ours, lr=0.3), torch.optim.SGD(theirs, lr=0.3)
+    for step in range(6):
+        if step == 3:  # a rate change, as a schedule or a resume makes it
+            plain.load_state_dict({"lr": [0.05]})
+            reference.param_groups[0]["lr"] = 0.05
+        grads = [torch.randn(t.shape, generator=generator, dtype=dtype) for t in start]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        plain.step()
+        reference.step()
+        plain.zero_grad(set_to_none=False)
+        assert all(p.grad is not None and not p.grad.any() for p in ours)
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    assert plain.state_dict() == {"lr": [0.05]}

@@ -279,6 +279,11 @@ class QDSGD(Decentralized):
         self.codecs = [
             WireCodec(self.compressor, f.numel, f.buffer.dtype, ctx.device) for f in self.vector.flats
         ]
+        # a neighbour's message is decoded here (float32 vectors; others get a new tensor per message)
+        self._decoded = [
+            torch.empty(f.numel, device=ctx.device) if f.buffer.dtype == torch.float32 else None
+            for f in self.vector.flats
+        ]
         self.quant_gen = torch.Generator(device=ctx.device).manual_seed(_stream_seed(ctx.seed, ctx.rank, 2))
         self._initial_lr = float(optimizer.param_groups[0]["lr"])
         self._budget = 0
@@ -330,10 +335,10 @@ class QDSGD(Decentralized):
         for pending in post_exchange(self.bound_ctx.comm, sends, recvs):
             pending.wait()
         mixed = []
-        for codec, x, g, bufs in zip(self.codecs, xs, grads, received):
+        for codec, x, g, bufs, decoded in zip(self.codecs, xs, grads, received, self._decoded):
             new = x.mul_(1 - eps + eps * self.hood.self_weight)
             for buf, w in zip(bufs, self.hood.weights):
-                new.add_(self.compressor.decompress(codec.decode(buf)), alpha=eps * w)
+                new.add_(self.compressor.decompress(codec.decode(buf), out=decoded), alpha=eps * w)
             mixed.append(new.add_(g, alpha=-alpha * eps))
         self.vector.write(mixed)
         for param in parameters_of(self.bound_model):
