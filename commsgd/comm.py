@@ -5,25 +5,31 @@ counts and communication time in every report are measured, not estimated.
 
 Byte model. The sizes come from the real tensors handed to each call; the volume per worker is that
 of the standard bandwidth-optimal schedule for the op (the convention NCCL's tests call "bus bytes"),
-with n the tensor's bytes and p the group size:
+with n the tensor's bytes and p the group size. `link_bytes` is what the op's busiest link carries in
+one direction, the same on every member: the op's transfer time is link_bytes / link rate. It differs
+from the bytes sent where one member sends more than the others (a broadcast's root, a gather's root):
 
-=================  ===========================  ======================================================
-op                 sent = received per worker   why
-=================  ===========================  ======================================================
-all_reduce         2 (p-1)/p * n                ring reduce-scatter + all-gather
-broadcast, reduce  (p-1)/p * n                  a pipelined chain: p-1 hops of n, shared by p workers
-all_gather         (p-1) * n                    every worker receives the other p-1 pieces
-reduce_scatter     (p-1)/p * n                  n is the full input vector
-all_to_all         (p-1)/p * n                  n is the full input vector
-gather / scatter   exact per rank               root receives / sends the others' pieces
-send / recv        n                            exact
-=================  ===========================  ======================================================
+=================  ===========================  ==============  =======================================
+op                 sent = received per worker   link_bytes      why
+=================  ===========================  ==============  =======================================
+all_reduce         2 (p-1)/p * n                2 (p-1)/p * n   ring reduce-scatter + all-gather
+broadcast          (p-1)/p * n                  n               a pipelined chain: p-1 hops of n,
+                                                                shared by p workers; each hop carries n
+all_gather         (p-1) * n                    (p-1) * n       every worker receives the other p-1
+reduce_scatter     (p-1)/p * n                  (p-1)/p * n     n is the full input vector
+all_to_all         (p-1)/p * n                  (p-1)/p * n     n is the full input vector
+gather / scatter   exact per rank               (p-1) * n       root receives / sends the others' pieces
+send / recv        n                            n / 0           exact; counted once, by the sender
+=================  ===========================  ==============  =======================================
+
+(gloo broadcasts along a binomial tree: with p > 2 its root's link carries ceil(log2 p) * n, more
+than the chain's n.)
 
 Time. `comm_s` is the time a worker spends blocked in a call (for asynchronous ops: blocked in
 `wait()`), so overlapped communication is not counted twice. With `split_wait` on, each collective
 is preceded by a barrier whose time goes to `wait_s`, separating waiting for slow peers from transfer.
 
-Network model. When enabled, each call also sleeps for ``hops * latency + bytes_sent / bandwidth``
+Network model. When enabled, each call also sleeps for ``hops * latency + link_bytes / bandwidth``
 with the bandwidth and latency of the link class (within a node or across nodes) the group spans,
 so that inter-node Ethernet can be emulated on one machine.
 """
@@ -115,6 +121,7 @@ class Counters:
     bytes_sent: float = 0.0
     bytes_recv: float = 0.0
     payload_bytes: int = 0
+    link_bytes: float = 0.0  # the busiest link's bytes, summed over ops (the byte model above)
     calls: int = 0
     comm_s: float = 0.0
     wait_s: float = 0.0
@@ -238,26 +245,30 @@ class Communicator:
     def _group(self, group: CommGroup | None) -> CommGroup:
         return self.world if group is None else group
 
-    def _delay(self, sent: float, hops: int, inter: bool) -> float:
+    def _delay(self, link: float, hops: int, inter: bool) -> float:
+        """The network model's seconds for an op whose busiest link carries `link` bytes over `hops`."""
         net = self.network
-        if net is None or (sent <= 0 and hops <= 0):
+        if net is None or (link <= 0 and hops <= 0):
             return 0.0
         gbps, lat_us = (
             (net.inter_gbps, net.inter_latency_us) if inter else (net.intra_gbps, net.intra_latency_us)
         )
-        return hops * lat_us * 1e-6 + sent * 8 / (gbps * 1e9)
+        return hops * lat_us * 1e-6 + link * 8 / (gbps * 1e9)
 
     def _sleep_model(self, delay_s: float, counters: Counters) -> None:
         if delay_s > 0:
             self.transport.sleep(delay_s)
             counters.model_delay_s += delay_s
 
-    def _record(self, payload: int, sent: float, recv: float) -> Counters:
+    def _record(self, payload: int, sent: float, recv: float, link: float | None = None) -> Counters:
+        """Count one op; `link`: its busiest link's bytes (default: the larger of sent and received, a
+        store request and its reply)."""
         c = self.meter.current
         c.calls += 1
         c.payload_bytes += payload
         c.bytes_sent += sent
         c.bytes_recv += recv
+        c.link_bytes += max(sent, recv) if link is None else link
         return c
 
     def _run(
@@ -267,12 +278,13 @@ class Communicator:
         payload: int,
         sent: float,
         recv: float,
+        link: float,
         hops: int,
         sync_device: torch.Tensor | None = None,
         barrier: bool = True,
     ) -> None:
         """Run one blocking op: optional barrier (wait), the op, the network model delay; count it all."""
-        c = self._record(payload, sent, recv)
+        c = self._record(payload, sent, recv, link)
         if barrier and self.split_wait and group.size > 1:
             start = time.perf_counter()
             self.transport.barrier(group.pg)
@@ -281,7 +293,7 @@ class Communicator:
         fn()
         if sync_device is not None and sync_device.is_cuda:
             torch.cuda.synchronize(sync_device.device)
-        self._sleep_model(self._delay(sent, hops, group.spans_nodes), c)
+        self._sleep_model(self._delay(link, hops, group.spans_nodes), c)
         c.comm_s += time.perf_counter() - start
 
     # ------------------------------------------------------------------ collectives
@@ -300,13 +312,14 @@ class Communicator:
             return Pending(self, None, self.meter.current, 0.0) if async_op else None
         vol = 2 * (p - 1) / p * n
         if async_op:
-            c = self._record(n, vol, vol)
+            c = self._record(n, vol, vol, vol)
             work = self.transport.all_reduce(tensor, op, g.pg, async_op=True)
             return Pending(self, work, c, self._delay(vol, 2 * (p - 1), g.spans_nodes))
         self._run(
             lambda: self.transport.all_reduce(tensor, op, g.pg),
             g,
             n,
+            vol,
             vol,
             vol,
             2 * (p - 1),
@@ -321,7 +334,7 @@ class Communicator:
         if p == 1:
             return
         vol = (p - 1) / p * n
-        self._run(lambda: self.transport.broadcast(tensor, src, g.pg), g, n, vol, vol, p - 1, tensor)
+        self._run(lambda: self.transport.broadcast(tensor, src, g.pg), g, n, vol, vol, n, p - 1, tensor)
 
     def all_gather(self, tensor: torch.Tensor, group: CommGroup | None = None) -> torch.Tensor:
         """Stack every member's `tensor` (same shape everywhere): result has shape (p, *tensor.shape)."""
@@ -333,7 +346,9 @@ class Communicator:
             return out
         vol = (p - 1) * n
         flat = tensor.contiguous().view(-1)
-        self._run(lambda: self.transport.all_gather(out.view(-1), flat, g.pg), g, n, vol, vol, p - 1, out)
+        self._run(
+            lambda: self.transport.all_gather(out.view(-1), flat, g.pg), g, n, vol, vol, vol, p - 1, out
+        )
         return out
 
     def reduce_scatter(
@@ -356,6 +371,7 @@ class Communicator:
             n,
             vol,
             vol,
+            vol,
             p - 1,
             output,
         )
@@ -368,7 +384,7 @@ class Communicator:
             output.copy_(input)
             return
         vol = (p - 1) / p * n
-        self._run(lambda: self.transport.all_to_all(output, input, g.pg), g, n, vol, vol, 1, output)
+        self._run(lambda: self.transport.all_to_all(output, input, g.pg), g, n, vol, vol, vol, 1, output)
 
     def gather(self, tensor: torch.Tensor, dst: int, group: CommGroup | None = None) -> torch.Tensor | None:
         """Collect every member's tensor on global rank `dst` (shape (p, ...)); None elsewhere."""
@@ -382,7 +398,10 @@ class Communicator:
             return out
         sent, recv = (0.0, float((p - 1) * n)) if is_root else (float(n), 0.0)
         chunks = list(out.unbind(0)) if out is not None else None
-        self._run(lambda: self.transport.gather(tensor, chunks, dst, g.pg), g, n, sent, recv, 1, tensor)
+        root_link = float((p - 1) * n)
+        self._run(
+            lambda: self.transport.gather(tensor, chunks, dst, g.pg), g, n, sent, recv, root_link, 1, tensor
+        )
         return out
 
     def scatter(
@@ -398,7 +417,10 @@ class Communicator:
         is_root = self.rank == src
         sent, recv = (float((p - 1) * n), 0.0) if is_root else (0.0, float(n))
         parts = list(chunks.unbind(0)) if (is_root and chunks is not None) else None
-        self._run(lambda: self.transport.scatter(output, parts, src, g.pg), g, n, sent, recv, 1, output)
+        root_link = float((p - 1) * n)
+        self._run(
+            lambda: self.transport.scatter(output, parts, src, g.pg), g, n, sent, recv, root_link, 1, output
+        )
 
     def barrier(self, group: CommGroup | None = None) -> None:
         """Wait for the group; the time is waiting, not transfer."""
@@ -431,7 +453,7 @@ class Communicator:
         n = _nbytes(tensor)
         pg = None if group is None else group.pg
         g = CommGroup((self.rank, dst), pg, self.node_of[dst] != self.node_of[self.rank])
-        self._run(lambda: self.transport.send(tensor, dst, pg), g, n, n, 0, 1, tensor, barrier=False)
+        self._run(lambda: self.transport.send(tensor, dst, pg), g, n, n, 0, n, 1, tensor, barrier=False)
 
     def recv(self, tensor: torch.Tensor, src: int | None = None, group: CommGroup | None = None) -> int:
         """Receive into `tensor` from `src` (any rank when None); returns the sender's global rank."""
@@ -441,19 +463,27 @@ class Communicator:
         pg = None if group is None else group.pg
         g = CommGroup((self.rank, peer), pg, self.node_of[peer] != self.node_of[self.rank])
         self._run(
-            lambda: sender.append(self.transport.recv(tensor, src, pg)), g, n, 0, n, 0, tensor, barrier=False
+            lambda: sender.append(self.transport.recv(tensor, src, pg)),
+            g,
+            n,
+            0,
+            n,
+            0,
+            0,
+            tensor,
+            barrier=False,
         )
         return sender[0]
 
     def isend(self, tensor: torch.Tensor, dst: int, group: CommGroup | None = None) -> Pending:
         n = _nbytes(tensor)
-        c = self._record(n, n, 0)
+        c = self._record(n, n, 0, n)
         work = self.transport.isend(tensor, dst, None if group is None else group.pg)
         return Pending(self, work, c, self._p2p_delay(dst, n))
 
     def irecv(self, tensor: torch.Tensor, src: int, group: CommGroup | None = None) -> Pending:
         n = _nbytes(tensor)
-        c = self._record(n, 0, n)
+        c = self._record(n, 0, n, 0)
         work = self.transport.irecv(tensor, src, None if group is None else group.pg)
         return Pending(self, work, c, 0.0)
 

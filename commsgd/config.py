@@ -100,7 +100,7 @@ class OptimConfig:
 
 @dataclass
 class NetworkConfig:
-    """Optional network model: a delay computed from bytes sent, per link class.
+    """Optional network model: a delay computed from the bytes over each op's busiest link, per link class.
 
     Emulates e.g. 1 Gbit/s Ethernet between nodes on one machine. Off by default.
     """

@@ -483,6 +483,7 @@ class Trainer:
             "wall_s": round(self.wall_s(), 6),
             "bytes_sent": c.bytes_sent,
             "bytes_recv": c.bytes_recv,
+            "link_bytes": c.link_bytes,
             "compute_s": round(self.compute_s, 6),
             "comm_s": round(c.comm_s, 6),
             "wait_s": round(c.wait_s, 6),

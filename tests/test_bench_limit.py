@@ -42,7 +42,25 @@ def test_pace_is_the_slower_worker_after_the_warm_up() -> None:
         }
     )
     p = limit.pace(run, warmup=2)
-    assert p == limit.Pace(step_s=1.5, bytes_sent=200.0, collectives=2.0, lockstep_s=1.5)
+    # metrics without link_bytes (written before commsgd counted it): the bytes sent stand in for it
+    assert p == limit.Pace(step_s=1.5, bytes_sent=200.0, link_bytes=200.0, collectives=2.0, lockstep_s=1.5)
+
+
+def test_pace_and_bound_take_the_busiest_links_bytes() -> None:
+    # a broadcast from worker 0: each worker is counted half the tensor, the root's link carries all of it
+    per_rank = {
+        rank: [
+            {"step": 1, "wall_s": 0.0, "bytes_sent": 0.0, "link_bytes": 0.0, "collectives": 0},
+            {"step": 3, "wall_s": 1.0, "bytes_sent": 1e6, "link_bytes": 2e6, "collectives": 2},
+        ]
+        for rank in (0, 1)
+    }
+    p = limit.pace(Run(Path("."), "r", {}, {}, [], per_rank, {}), warmup=1)
+    assert p is not None and p.bytes_sent == 5e5 and p.link_bytes == 1e6
+    link = limit.Link(gbps=0.08, latency_s=0.0)  # 1 MB: 0.1 s
+    assert limit.bound_s(0.2, p, link) == pytest.approx(0.3)
+    row = limit.Row("m", 0.1, "lsgd", p, p, link, None)
+    assert row.cells()[5:7] == ["500.00 KB", "1.00 MB"] and row.data()["link_bytes_per_step"] == 1e6
 
 
 def test_lockstep_takes_the_slower_worker_of_every_step() -> None:
@@ -56,8 +74,8 @@ def test_lockstep_takes_the_slower_worker_of_every_step() -> None:
     )
     p = limit.pace(run, warmup=1)
     assert p is not None and p.step_s == pytest.approx(1.0) and p.lockstep_s == pytest.approx(1.5)
-    periodic = limit.Row("m", 1.0, "local_sgd", limit.Pace(1.2, 0, 0.25, 1.2), p, limit.Link(1, 0), None)
-    every_step = limit.Row("m", 1.0, "topk", limit.Pace(1.6, 0, 1.0, 1.6), p, limit.Link(1, 0), None)
+    periodic = limit.Row("m", 1.0, "local_sgd", limit.Pace(1.2, 0, 0, 0.25, 1.2), p, limit.Link(1, 0), None)
+    every_step = limit.Row("m", 1.0, "topk", limit.Pace(1.6, 0, 0, 1.0, 1.6), p, limit.Link(1, 0), None)
     assert periodic.compute_s == pytest.approx(1.0) and every_step.compute_s == pytest.approx(1.5)
     assert every_step.to_bound == pytest.approx(1.6 / 1.5)
 
@@ -69,11 +87,11 @@ def test_pace_needs_steps_after_the_warm_up() -> None:
 
 def test_bound_adds_compute_transfer_and_latencies_and_the_overlap_bound_takes_the_larger() -> None:
     link = limit.Link(gbps=0.1, latency_s=1e-4)
-    p = limit.Pace(step_s=0.25, bytes_sent=1.25e6, collectives=3, lockstep_s=0.25)  # 1.25 MB: 0.1 s
+    p = limit.Pace(step_s=0.25, bytes_sent=1.25e6, link_bytes=1.25e6, collectives=3, lockstep_s=0.25)
     assert limit.bound_s(0.1, p, link) == pytest.approx(0.1 + 0.1 + 3e-4)
     assert limit.overlap_bound_s(0.1, p, link) == pytest.approx(0.1)
     assert limit.overlap_bound_s(0.3, p, link) == pytest.approx(0.3)
-    reference = limit.Pace(step_s=0.09, bytes_sent=0, collectives=0, lockstep_s=0.1)  # the bound uses 0.1
+    reference = limit.Pace(step_s=0.09, bytes_sent=0, link_bytes=0, collectives=0, lockstep_s=0.1)
     row = limit.Row("m", 0.1, "powersgd", p, reference, link, allreduce_s=0.5)
     assert row.to_bound == pytest.approx(0.25 / 0.2003)
     assert row.to_overlap_bound == pytest.approx(2.5)

@@ -18,13 +18,15 @@ def _ops() -> dict[str, tuple[float, float]]:
     ctx = commsgd.init()
     comm, r = ctx.comm, ctx.rank
     result: dict[str, tuple[float, float]] = {}
+    link: dict[str, float] = {}
 
     def measure(name: str, fn) -> None:  # type: ignore[no-untyped-def]
         before = comm.meter.totals()
-        sent0, recv0 = before.bytes_sent, before.bytes_recv
+        sent0, recv0, link0 = before.bytes_sent, before.bytes_recv, before.link_bytes
         fn()
         after = comm.meter.totals()
         result[name] = (after.bytes_sent - sent0, after.bytes_recv - recv0)
+        link[name] = after.link_bytes - link0
 
     x = torch.full((100,), float(r))  # 400 bytes
     measure("all_reduce", lambda: comm.all_reduce(x, op="sum"))
@@ -47,12 +49,16 @@ def _ops() -> dict[str, tuple[float, float]]:
         measure("p2p", lambda: comm.recv(torch.empty(25), src=0))
     else:
         measure("p2p", lambda: None)
+    on_root: list[torch.Tensor | None] = []
+    measure("gather", lambda: on_root.append(comm.gather(torch.full((5,), float(r)), dst=1)))  # 20 bytes
+    assert (on_root[0] is not None) == (r == 1)
     objs = comm.all_gather_json({"rank": r})
     assert objs == [{"rank": 0}, {"rank": 1}, {"rank": 2}]
     with comm.meter.in_phase("eval"):
         comm.all_reduce(torch.ones(50))
     result["eval_phase"] = (comm.meter.totals("eval").bytes_sent, comm.meter.totals("eval").calls)
     result["calls"] = (comm.meter.totals().calls, 0)
+    result["link"] = link  # type: ignore[assignment]
     ctx.close()
     return result
 
@@ -69,6 +75,14 @@ def test_byte_model_of_every_op() -> None:
         assert res["all_to_all"] == pytest.approx(((p - 1) / p * 12,) * 2)
         assert res["p2p"] == {0: (100, 0), 1: (0, 100), 2: (0, 0)}[rank]
         assert res["eval_phase"] == pytest.approx((2 * (p - 1) / p * 200, 1))
+        # the busiest link: the same on every member, except point to point (counted by the sender);
+        # a broadcast's hops each carry the whole tensor, a gather's root link every other piece
+        link = res["link"]
+        assert link["broadcast"] == pytest.approx(40)
+        assert link["gather"] == pytest.approx((p - 1) * 20)
+        for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
+            assert link[op] == pytest.approx(res[op][0])
+        assert link["p2p"] == {0: 100, 1: 0, 2: 0}[rank]
 
 
 def _delayed_all_reduce(group_size: int) -> tuple[float, float, bool]:
@@ -92,6 +106,23 @@ def test_network_model_delay_follows_bytes_and_link_class() -> None:
     assert delay == pytest.approx(sent * 8 / 0.01e9)  # bytes / bandwidth, no latency configured
     assert within[0][2] is False
     assert within[0][0] == pytest.approx(within[0][1] * 8 / 1e15)
+
+
+def _delayed_broadcast() -> tuple[float, float]:
+    net = NetworkConfig(enabled=True, inter_gbps=0.01, inter_latency_us=0.0)
+    ctx = commsgd.init(cluster=ClusterConfig(group_size=1), network=net)
+    ctx.comm.broadcast(torch.ones(25_000), src=0)  # 100 kB
+    c = ctx.comm.meter.totals()
+    ctx.close()
+    return c.model_delay_s, c.bytes_sent
+
+
+@pytest.mark.multiprocess
+def test_network_model_times_a_broadcast_by_the_whole_tensor() -> None:
+    # each of 2 workers is counted half the tensor, but the link from the root carries all of it
+    for delay, sent in run_distributed(_delayed_broadcast, 2):
+        assert sent == pytest.approx(50_000)
+        assert delay == pytest.approx(100_000 * 8 / 0.01e9)
 
 
 def test_single_worker_groups_send_nothing() -> None:

@@ -12,7 +12,10 @@ For each model, link rate and algorithm, from the steps after the warm-up (the s
 - lockstep: the same run's mean over steps of the slower worker's step: what an algorithm that waits for
   both workers at every step pays for compute alone (a node's step varies by 10-15 % from step to step
   here, so the slower of two is above either's mean);
-- bound: compute + bytes sent per step / link rate + latency x collectives per step, with the rate
+- link bytes: what the busiest link carries per step by commsgd's byte model (`commsgd.comm`): the
+  bytes sent, except where one worker sends more than the others (LSGD's leader broadcasts the whole
+  model: its link carries n where each worker is counted (p - 1) / p * n);
+- bound: compute + link bytes per step / link rate + latency x collectives per step, with the rate
   of one TCP stream across the shaped link and the latency of a one-float all-reduce of the two workers
   (`commsgd.bench.latency`, through commsgd's communication layer), both measured on the cluster;
   compute is the lockstep figure for algorithms with a collective every step, compute-only otherwise;
@@ -147,6 +150,7 @@ class Pace:
 
     step_s: float
     bytes_sent: float
+    link_bytes: float  # the busiest link's bytes (commsgd.comm's byte model)
     collectives: float
     lockstep_s: float  # mean over steps of the slower worker's seconds for that step
 
@@ -175,7 +179,14 @@ def pace(run: Run, warmup: int) -> Pace | None:
         return between(warmup, span[-1], field) / steps
 
     slower = [between(a, b, "wall_s") for a, b in itertools.pairwise(span)]
-    return Pace(per_step("wall_s"), per_step("bytes_sent"), per_step("collectives"), sum(slower) / steps)
+    counted = all("link_bytes" in r[warmup] for r in per_rank)  # metrics of older runs lack it
+    return Pace(
+        per_step("wall_s"),
+        per_step("bytes_sent"),
+        per_step("link_bytes" if counted else "bytes_sent"),
+        per_step("collectives"),
+        sum(slower) / steps,
+    )
 
 
 @dataclass(frozen=True)
@@ -192,12 +203,12 @@ class Link:
 
 def bound_s(compute_s: float, p: Pace, link: Link) -> float:
     """The physical limit of a step that does not overlap: compute, then the bytes, then the latencies."""
-    return compute_s + link.transfer_s(p.bytes_sent) + link.latency_s * p.collectives
+    return compute_s + link.transfer_s(p.link_bytes) + link.latency_s * p.collectives
 
 
 def overlap_bound_s(compute_s: float, p: Pace, link: Link) -> float:
     """The limit of a step whose communication hides behind its compute."""
-    return max(compute_s, link.transfer_s(p.bytes_sent))
+    return max(compute_s, link.transfer_s(p.link_bytes))
 
 
 @dataclass
@@ -242,6 +253,7 @@ class Row:
             f"{self.reference.step_s * 1e3:.0f}",
             f"{self.reference.lockstep_s * 1e3:.0f}",
             human_bytes(self.pace.bytes_sent),
+            human_bytes(self.pace.link_bytes),
             f"{self.pace.collectives:.1f}",
             f"{self.bound_s * 1e3:.0f}",
             f"{self.to_bound:.2f}",
@@ -259,6 +271,7 @@ class Row:
             "lockstep_compute_s": self.reference.lockstep_s,
             "bound_compute_s": self.compute_s,
             "bytes_per_step": self.pace.bytes_sent,
+            "link_bytes_per_step": self.pace.link_bytes,
             "collectives_per_step": self.pace.collectives,
             "bound_s": self.bound_s,
             "step_to_bound": self.to_bound,
@@ -276,6 +289,7 @@ HEADERS = [
     "compute-only (ms)",
     "lockstep (ms)",
     "bytes / step",
+    "link bytes / step",
     "collectives / step",
     "bound (ms)",
     "step / bound",
