@@ -33,7 +33,7 @@ import torch
 
 from commsgd.algorithms.base import Algorithm, register
 from commsgd.algorithms.downpour import ServerAlgorithm
-from commsgd.algorithms.pull import RoundAlgorithm, swapped_in
+from commsgd.algorithms.pull import Buffers, RoundAlgorithm, swapped_in
 from commsgd.config import OptimConfig, bounded
 from commsgd.errors import CheckpointError, ConfigError
 
@@ -115,7 +115,7 @@ class EASGD(RoundAlgorithm):
             torch.empty(c.numel() + (extra if i == 0 else 0), dtype=c.dtype, device=c.device)
             for i, c in enumerate(self.center)
         ]
-        self.diffs = [m[: c.numel()] for m, c in zip(self.message, self.center)]
+        self.diffs = Buffers(m[: c.numel()] for m, c in zip(self.message, self.center))
         if self._saved_center:
             self._load_center(self._saved_center)
 

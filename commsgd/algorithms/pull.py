@@ -22,13 +22,26 @@ import torch
 
 from commsgd.algorithms.base import Algorithm
 from commsgd.algorithms.rounds import AsyncRounds
-from commsgd.flat import by_dtype, model_state_tensors
+from commsgd.flat import FlatBuffer, by_dtype, model_state_tensors
 
 if TYPE_CHECKING:
     from commsgd.comm import Communicator
     from commsgd.context import WorkerContext
 
-Buffers = list[torch.Tensor]
+
+class Buffers(list[torch.Tensor]):
+    """A model state's flat buffers (one per dtype) that keep their per-tensor views once made: a round
+    reads and writes the same buffers every time, and slicing them anew costs more than the update
+    itself on a small model. The views live as long as the list (no cache outlives its buffers)."""
+
+    _made: list[tuple[FlatBuffer, torch.Tensor, list[torch.Tensor]]]
+
+    def views(self, flats: Sequence[FlatBuffer]) -> list[list[torch.Tensor]]:
+        """For each flat, its buffer's slices shaped like the flat's tensors."""
+        made = getattr(self, "_made", None)
+        if made is None or any(f is not mf or b is not mb for f, b, (mf, mb, _) in zip(flats, self, made)):
+            made = self._made = [(f, b, f.views(b)) for f, b in zip(flats, self)]
+        return [views for _, _, views in made]
 
 
 class ModelState:
@@ -43,27 +56,32 @@ class ModelState:
 
     def empty(self) -> Buffers:
         """Fresh flat buffers shaped like the state (contents undefined)."""
-        return [torch.empty_like(f.buffer) for f in self.flats]
+        return Buffers(torch.empty_like(f.buffer) for f in self.flats)
+
+    def views(self, buffers: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Per flat, `buffers`' slices shaped like its tensors (kept on `buffers` if it is a Buffers)."""
+        if isinstance(buffers, Buffers):
+            return buffers.views(self.flats)
+        return [f.views(b) for f, b in zip(self.flats, buffers)]
 
     def read(self, out: Buffers) -> Buffers:
         """Copy the model's current state into `out` and return it."""
-        for f, buffer in zip(self.flats, out):
-            torch.cat([t.reshape(-1) for t in f.tensors], out=buffer)
+        for f, views in zip(self.flats, self.views(out)):
+            torch._foreach_copy_(views, f.tensors)
         return out
 
     def copy(self) -> Buffers:
         return self.read(self.empty())
 
-    def write(self, buffers: Buffers) -> None:
+    def write(self, buffers: Sequence[torch.Tensor]) -> None:
         """Load `buffers` into the model."""
-        for f, buffer in zip(self.flats, buffers):
-            f.unpack(buffer)
+        for f, views in zip(self.flats, self.views(buffers)):
+            torch._foreach_copy_(f.tensors, views)
 
-    def add_(self, buffers: Buffers, alpha: float) -> None:
+    def add_(self, buffers: Sequence[torch.Tensor], alpha: float) -> None:
         """model += alpha * buffers, tensor by tensor (no temporary copy of the model)."""
-        for f, buffer in zip(self.flats, buffers):
-            for view, t in zip(f.views(buffer), f.tensors):
-                t.add_(view, alpha=alpha)
+        for f, views in zip(self.flats, self.views(buffers)):
+            torch._foreach_add_(f.tensors, views, alpha=alpha)
 
 
 def average_of_workers(state: ModelState, comm: Communicator) -> Buffers:
