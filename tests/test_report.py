@@ -256,6 +256,20 @@ def test_throughput_counts_the_samples_the_algorithm_used(tmp_path: Path) -> Non
     assert samples_trained(load_runs([path])[0]) == 2 * 40 * 32
 
 
+def test_throughput_is_per_second_of_training_not_of_evaluation(tmp_path: Path) -> None:
+    """The evaluations' time is left out (the last evaluation's `train_s`): a wider run shares the test
+    set among more workers, so counting evaluations would flatter its throughput."""
+    path = make_run(tmp_path, "evaluated", workers=2, step_s=0.01)
+    lines = (path / "eval.jsonl").read_text().splitlines()
+    evals = [json.loads(line) for line in lines if line.startswith("{") and line.endswith("}")]
+    for e in evals:
+        e["train_s"] = e["wall_s"] / 2  # half of every run's wall clock went to evaluating
+    (path / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    run = load_runs([path])[0]
+    assert run.train_s == pytest.approx(max(e["wall_s"] for e in evals) / 2)
+    assert all_stats([run], 0.1)[0].samples_per_s == pytest.approx(samples_trained(run) / run.train_s)
+
+
 def test_leader_records_are_deduplicated_and_defensive(tmp_path: Path) -> None:
     run = load_run(make_run(tmp_path, "lsgd", "lsgd", workers=3, events=LEADERS))
     records = leader_records(run)

@@ -121,7 +121,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
             f"{describe(env, model)}, {steps} steps per worker, batch 32 per worker, every worker its own "
             "node at "
             f"{args.gbps} Gbit/s ({link_kind}), default parameters. Samples/s = all workers' samples / "
-            "wall time.",
+            "training time (wall time less evaluations).",
             "",
             md_table(headers, rows),
             "",
