@@ -158,7 +158,11 @@ class CommMeter:
         return {name: asdict(c) for name, c in self.phases.items()}
 
     def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
-        self.phases = {name: Counters(**values) for name, values in state.items()}  # type: ignore[arg-type]
+        # a checkpoint from before link_bytes was counted: its bytes sent stand in for it
+        self.phases = {
+            name: Counters(**{"link_bytes": values.get("bytes_sent", 0.0), **values})  # type: ignore[arg-type]
+            for name, values in state.items()
+        }
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,12 @@ class Run:
 
     @property
     def train_s(self) -> float:
-        """Seconds of training: the wall clock less the evaluations, as the last evaluation logged it
-        (`train_s`: the run's end, since every run evaluates after its last step); the wall time where
-        no evaluation logged it."""
+        """Seconds of training: the slowest worker's wall clock less its evaluations (`train_time_s` of
+        summary.json); for older runs the last evaluation's `train_s` (rank 0's, at the end: every run
+        evaluates after its last step), else the wall time."""
+        workers = self.summary.get("train_time_s")
+        if isinstance(workers, list) and workers:
+            return max(float(t) for t in workers)
         logged = [float(e["train_s"]) for e in self.evals if isinstance(e.get("train_s"), int | float)]
         return max(logged) if logged else float(self.summary["wall_time_s"])
 

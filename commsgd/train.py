@@ -556,6 +556,7 @@ class Trainer:
             "data_share": self.data_s / max(self._step_s() - (self._step_s_from or 0.0), 1e-9),
             "wall_time_s": wall,
             "eval_time_s": self.eval_offset + self.eval_s,
+            "train_time_s": wall - (self.eval_offset + self.eval_s),
             "peak_memory_mb": peak_memory_mb(ctx.device),
             "eval_bytes_sent": ctx.comm.meter.totals("eval").bytes_sent,
             "algorithm": self.algo.summary(),
@@ -593,6 +594,7 @@ class Trainer:
             "data_time_s",
             "data_share",
             "eval_time_s",
+            "train_time_s",
             "peak_memory_mb",
             "eval_bytes_sent",
         ):

@@ -8,6 +8,7 @@ import torch
 import commsgd
 from commsgd.comm import Communicator
 from commsgd.config import ClusterConfig, NetworkConfig
+from commsgd.simworld import run_simulated
 from commsgd.testing import run_distributed
 
 WORLD = 3
@@ -52,6 +53,15 @@ def _ops() -> dict[str, tuple[float, float]]:
     on_root: list[torch.Tensor | None] = []
     measure("gather", lambda: on_root.append(comm.gather(torch.full((5,), float(r)), dst=1)))  # 20 bytes
     assert (on_root[0] is not None) == (r == 1)
+    part = torch.empty(4)  # 16 bytes each
+    measure("scatter", lambda: comm.scatter(part, torch.arange(12.0).view(3, 4) if r == 0 else None, src=0))
+    assert part.tolist() == [4.0 * r + i for i in range(4)]
+    pending = []
+    measure("async_all_reduce", lambda: pending.append(comm.all_reduce(torch.ones(25), async_op=True)))
+    pending[0].wait()
+    ring = [(torch.full((3,), float(r)), (r + 1) % WORLD)], [(torch.empty(3), (r - 1) % WORLD)]
+    measure("exchange", lambda: comm.exchange(*ring))  # 12 bytes to the next rank, 12 from the last
+    assert ring[1][0][0].tolist() == [float((r - 1) % WORLD)] * 3
     objs = comm.all_gather_json({"rank": r})
     assert objs == [{"rank": 0}, {"rank": 1}, {"rank": 2}]
     with comm.meter.in_phase("eval"):
@@ -83,6 +93,9 @@ def test_byte_model_of_every_op() -> None:
         for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
             assert link[op] == pytest.approx(res[op][0])
         assert link["p2p"] == {0: 100, 1: 0, 2: 0}[rank]
+        assert link["scatter"] == pytest.approx((p - 1) * 16)
+        assert link["async_all_reduce"] == pytest.approx(2 * (p - 1) / p * 100)
+        assert res["exchange"] == (12, 12) and link["exchange"] == 12  # the send counts, the receive not
 
 
 def _delayed_all_reduce(group_size: int) -> tuple[float, float, bool]:
@@ -108,6 +121,20 @@ def test_network_model_delay_follows_bytes_and_link_class() -> None:
     assert within[0][0] == pytest.approx(within[0][1] * 8 / 1e15)
 
 
+def test_an_older_meter_state_without_link_bytes_takes_its_bytes_sent() -> None:
+    comm = Communicator(rank=0, world_size=1, node_of=[0])
+    comm.meter.load_state_dict({"train": {"bytes_sent": 40.0, "bytes_recv": 40.0, "calls": 2}})
+    assert comm.meter.totals().link_bytes == 40.0
+
+
+def test_store_ops_count_their_larger_direction_on_the_link() -> None:
+    comm = Communicator(rank=0, world_size=1, node_of=[0])
+    store = torch.distributed.HashStore()
+    comm.store_set(store, "k", b"12345")  # 1 + 5 bytes up, nothing back
+    assert comm.store_get(store, "k") == b"12345"  # 1 up, 5 back
+    assert comm.meter.totals().link_bytes == 6 + 5
+
+
 def _delayed_broadcast() -> tuple[float, float]:
     net = NetworkConfig(enabled=True, inter_gbps=0.01, inter_latency_us=0.0)
     ctx = commsgd.init(cluster=ClusterConfig(group_size=1), network=net)
@@ -117,10 +144,9 @@ def _delayed_broadcast() -> tuple[float, float]:
     return c.model_delay_s, c.bytes_sent
 
 
-@pytest.mark.multiprocess
 def test_network_model_times_a_broadcast_by_the_whole_tensor() -> None:
     # each of 2 workers is counted half the tensor, but the link from the root carries all of it
-    for delay, sent in run_distributed(_delayed_broadcast, 2):
+    for delay, sent in run_simulated(_delayed_broadcast, 2):
         assert sent == pytest.approx(50_000)
         assert delay == pytest.approx(100_000 * 8 / 0.01e9)
 

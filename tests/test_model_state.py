@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from commsgd.algorithms.pull import Buffers, ModelState
@@ -42,5 +43,14 @@ def test_buffers_remake_their_views_when_a_buffer_is_replaced() -> None:
     kept[0] = torch.full_like(kept[0], 2.0)  # a new tensor in the list: the old views must not be used
     state.write(kept)
     assert all(bool((t == 2.0).all()) for t in state.flats[0].tensors)
+    with torch.no_grad():
+        for t in state.flats[0].tensors:
+            t.fill_(3.0)
     state.read(kept)
-    assert bool((kept[0] == 2.0).all())
+    assert bool((kept[0] == 3.0).all())
+    kept[0].set_(torch.full_like(kept[0], 4.0))  # the same tensor moved to other memory
+    state.write(kept)
+    assert all(bool((t == 4.0).all()) for t in state.flats[0].tensors)
+    kept.append(torch.zeros(1))
+    with pytest.raises(ValueError, match="2 buffers for a state of 1 flat buffers"):
+        state.write(kept)

@@ -265,9 +265,17 @@ def test_throughput_is_per_second_of_training_not_of_evaluation(tmp_path: Path) 
     for e in evals:
         e["train_s"] = e["wall_s"] / 2  # half of every run's wall clock went to evaluating
     (path / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
-    run = load_runs([path])[0]
+    run = load_runs([path])[0]  # an older run: rank 0's last evaluation says how long it trained
     assert run.train_s == pytest.approx(max(e["wall_s"] for e in evals) / 2)
     assert all_stats([run], 0.1)[0].samples_per_s == pytest.approx(samples_trained(run) / run.train_s)
+    summary = json.loads((path / "summary.json").read_text())
+    summary["train_time_s"] = [0.1, 0.25]  # every worker's own: the slowest sets the pace
+    (path / "summary.json").write_text(json.dumps(summary))
+    assert load_runs([path])[0].train_s == 0.25
+    (path / "eval.jsonl").write_text("")
+    del summary["train_time_s"]
+    (path / "summary.json").write_text(json.dumps(summary))
+    assert load_runs([path])[0].train_s == summary["wall_time_s"]  # nothing logged it: the wall clock
 
 
 def test_leader_records_are_deduplicated_and_defensive(tmp_path: Path) -> None:

@@ -74,6 +74,8 @@ def test_a_run_ends_at_its_time_limit_and_finishes_normally(tmp_path: Path, algo
     assert evals[-1]["train_s"] >= 1.0  # the limit counts training seconds
     assert all(t > 0 for t in summary["eval_time_s"])
     assert evals[-1]["wall_s"] - evals[-1]["train_s"] == pytest.approx(summary["eval_time_s"][0], abs=1e-3)
+    # each worker's training time: its wall clock less its evaluations, up to the summary (just after)
+    assert 0 <= summary["train_time_s"][0] - evals[-1]["train_s"] < 0.5
     last = [
         json.loads(p.read_text().splitlines()[-1])["step"] for p in sorted((out / "metrics").glob("*.jsonl"))
     ]

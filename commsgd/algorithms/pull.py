@@ -32,14 +32,20 @@ if TYPE_CHECKING:
 class Buffers(list[torch.Tensor]):
     """A model state's flat buffers (one per dtype) that keep their per-tensor views once made: a round
     reads and writes the same buffers every time, and slicing them anew costs more than the update
-    itself on a small model. The views live as long as the list (no cache outlives its buffers)."""
+    itself on a small model. The views live as long as the list (no cache outlives its buffers); they
+    are made again when a buffer in the list is replaced or moved to other memory."""
 
     _made: list[tuple[FlatBuffer, torch.Tensor, list[torch.Tensor]]]
 
     def views(self, flats: Sequence[FlatBuffer]) -> list[list[torch.Tensor]]:
         """For each flat, its buffer's slices shaped like the flat's tensors."""
+        if len(flats) != len(self):
+            raise ValueError(f"Buffers: {len(self)} buffers for a state of {len(flats)} flat buffers")
         made = getattr(self, "_made", None)
-        if made is None or any(f is not mf or b is not mb for f, b, (mf, mb, _) in zip(flats, self, made)):
+        if made is None or not all(
+            f is mf and b is mb and views[0].data_ptr() == b.data_ptr()
+            for f, b, (mf, mb, views) in zip(flats, self, made)
+        ):
             made = self._made = [(f, b, f.views(b)) for f, b in zip(flats, self)]
         return [views for _, _, views in made]
 

@@ -20,7 +20,7 @@ For each model, link rate and algorithm, from the steps after the warm-up (the s
   (`commsgd.bench.latency`, through commsgd's communication layer), both measured on the cluster;
   compute is the lockstep figure for algorithms with a collective every step, compute-only otherwise;
 - step / bound: 1.0 is the physical limit of a step that does not overlap communication with compute;
-- step / max: step / max(compute, bytes / rate), the limit of a step whose communication hides
+- step / max: step / max(compute, link bytes / rate), the limit of a step whose communication hides
   behind the backward pass;
 - x allreduce: step / all-reduce SGD's step at the same rate.
 
