@@ -23,7 +23,8 @@ send / recv        n                            n / 0           exact; counted o
 =================  ===========================  ==============  =======================================
 
 (gloo broadcasts along a binomial tree: with p > 2 its root's link carries ceil(log2 p) * n, more
-than the chain's n.)
+than the chain's n. On gloo, all_gather and all_to_all are direct exchanges with every peer, receives
+posted first: `_direct_exchange` says why; each worker still sends (p-1) * n and (p-1)/p * n.)
 
 Time. `comm_s` is the time a worker spends blocked in a call (for asynchronous ops: blocked in
 `wait()`), so overlapped communication is not counted twice. With `split_wait` on, each collective
@@ -83,14 +84,30 @@ class DistTransport:
         dist.broadcast(tensor, src=src, group=pg)
 
     def all_gather(self, out: torch.Tensor, flat: torch.Tensor, pg: Any) -> None:
-        """Every member's `flat`, in group order, into the flat `out`."""
-        _all_gather_single(out, flat, group=pg)
+        """Every member's `flat`, in group order, into the flat `out` (on gloo: `_direct_exchange`)."""
+        if not _on_gloo(pg):
+            _all_gather_single(out, flat, group=pg)
+            return
+        ranks, me = _members(pg)
+        rows = out.view(len(ranks), -1)
+        rows[me].copy_(flat)
+        peers = [(i, r) for i, r in enumerate(ranks) if i != me]
+        _direct_exchange([(rows[i], r) for i, r in peers], [(flat, r) for _, r in peers], pg)
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: ReduceName, pg: Any) -> None:
         _reduce_scatter_single(output, input, op=_REDUCE_OPS[op], group=pg)
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, pg: Any) -> None:
-        dist.all_to_all_single(output, input, group=pg)
+        """Chunk j of `input` to member j, member j's chunk into chunk j of `output` (on gloo:
+        `_direct_exchange`)."""
+        if not _on_gloo(pg):
+            dist.all_to_all_single(output, input, group=pg)
+            return
+        ranks, me = _members(pg)
+        sends, recvs = input.view(len(ranks), -1), output.view(len(ranks), -1)
+        recvs[me].copy_(sends[me])
+        peers = [(i, r) for i, r in enumerate(ranks) if i != me]
+        _direct_exchange([(recvs[i], r) for i, r in peers], [(sends[i], r) for i, r in peers], pg)
 
     def gather(self, tensor: torch.Tensor, chunks: list[torch.Tensor] | None, dst: int, pg: Any) -> None:
         dist.gather(tensor, chunks, dst=dst, group=pg)
@@ -112,6 +129,38 @@ class DistTransport:
 
     def irecv(self, tensor: torch.Tensor, src: int, pg: Any) -> Any:
         return dist.irecv(tensor, src=src, group=pg)
+
+
+# The tag of `_direct_exchange`'s messages, apart from the default tag 0 of point-to-point calls.
+_EXCHANGE_TAG = 0x636F
+
+
+def _on_gloo(pg: Any) -> bool:
+    return bool(dist.get_backend(pg) == "gloo")
+
+
+def _members(pg: Any) -> tuple[list[int], int]:
+    """The global ranks of `pg` (None: every worker) in group order, and this worker's index."""
+    ranks = dist.get_process_group_ranks(pg if pg is not None else dist.group.WORLD)
+    return ranks, ranks.index(dist.get_rank())
+
+
+def _direct_exchange(
+    recvs: Sequence[tuple[torch.Tensor, int]], sends: Sequence[tuple[torch.Tensor, int]], pg: Any
+) -> None:
+    """Receive from and send to each peer directly, every receive posted before any send.
+
+    gloo's all_gather and all_to_all move each piece only once the receiver has said it is ready, and
+    that notice travels on the same TCP stream as the receiver's own outgoing data: when a worker starts
+    sending first, its notice waits behind its data and the two directions of the link take turns.
+    Measured across an emulated 0.1 Gbit/s link, 15 MB per worker between 2 nodes (wire time 1.25 s):
+    gloo all_gather 1.8-2.0 s, sends posted first 1.3 or 2.4 s, receives first 1.30-1.43 s.
+    Each worker sends (p-1) * n either way; the byte model is unchanged."""
+    pending = [dist.irecv(t, src=r, group=pg, tag=_EXCHANGE_TAG) for t, r in recvs]
+    pending += [dist.isend(t, dst=r, group=pg, tag=_EXCHANGE_TAG) for t, r in sends]
+    for work in pending:
+        if work is not None:  # None only for a worker outside `pg`, which never gets here
+            work.wait()
 
 
 @dataclass

@@ -98,6 +98,38 @@ def test_byte_model_of_every_op() -> None:
         assert res["exchange"] == (12, 12) and link["exchange"] == 12  # the send counts, the receive not
 
 
+def _subgroup_gather_and_all_to_all() -> list[list[float]] | None:
+    """On 4 workers, the group of global ranks 1 and 3 (given as 3, 1): all_gather of a 2x2 block and
+    all_to_all, whose pieces move by direct exchange on gloo; a point-to-point message with the default
+    tag is in flight across the same peers meanwhile and must not be taken for one of its pieces."""
+    ctx = commsgd.init()
+    comm, r = ctx.comm, ctx.rank
+    group = comm.new_group([3, 1])
+    side = torch.full((5,), -1.0)
+    if r in (1, 3):
+        pending = comm.irecv(side, src=4 - r)
+        rows = comm.all_gather(torch.full((2, 2), float(r)), group)
+        a2a = torch.empty(4)
+        comm.all_to_all(a2a, torch.arange(4.0) + 10 * r, group)
+        comm.send(torch.full((5,), float(r)), dst=4 - r)
+        pending.wait()
+        result = [rows.view(-1).tolist(), a2a.tolist(), side.tolist()]
+    ctx.close()
+    return result if r in (1, 3) else None
+
+
+@pytest.mark.multiprocess
+def test_all_gather_and_all_to_all_of_a_subgroup_follow_its_sorted_ranks() -> None:
+    results = run_distributed(_subgroup_gather_and_all_to_all, 4)
+    assert results[0] is None and results[2] is None
+    for r in (1, 3):
+        rows, a2a, side = results[r]
+        assert rows == [1.0] * 4 + [3.0] * 4  # group order: sorted global ranks
+        me = 0 if r == 1 else 1
+        assert a2a == [10.0 * 1 + 2 * me, 10.0 * 1 + 2 * me + 1, 10.0 * 3 + 2 * me, 10.0 * 3 + 2 * me + 1]
+        assert side == [float(4 - r)] * 5
+
+
 def _delayed_all_reduce(group_size: int) -> tuple[float, float, bool]:
     net = NetworkConfig(
         enabled=True, inter_gbps=0.01, inter_latency_us=0.0, intra_gbps=1e6, intra_latency_us=0.0
