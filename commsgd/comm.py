@@ -540,13 +540,21 @@ class Communicator:
         work = self.transport.irecv(tensor, src, None if group is None else group.pg)
         return Pending(self, work, c, 0.0)
 
+    def post_exchange(
+        self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]
+    ) -> list[Pending]:
+        """Post every receive, then every send, without waiting (a neighbour exchange): no order of
+        neighbours can deadlock, and each receive's ready notice leaves before this worker's data (see
+        `_direct_exchange`). Wait on all handles before reading the receive buffers or touching the
+        send buffers."""
+        return [self.irecv(t, src) for t, src in recvs] + [self.isend(t, dst) for t, dst in sends]
+
     def exchange(
         self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]
     ) -> None:
-        """Post all sends and receives at once (neighbour exchange) and wait for all of them."""
-        pending = [self.irecv(t, src) for t, src in recvs] + [self.isend(t, dst) for t, dst in sends]
-        for p in pending:
-            p.wait()
+        """`post_exchange` and wait for all of it."""
+        for pending in self.post_exchange(sends, recvs):
+            pending.wait()
 
     # ------------------------------------------------------------------ the shared store
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from commsgd.algorithms import build_algorithm, validate_params
-from commsgd.algorithms.compressed import ErrorFeedbackSGD, Wire
+from commsgd.algorithms.compressed import ErrorFeedbackSGD
 from commsgd.algorithms.powersgd import planned_rank
-from commsgd.compression import NonFiniteError, RandomK, get
+from commsgd.compression import NonFiniteError, RandomK, Wire, get
 from commsgd.compression.slices import slice_bounds
 from commsgd.errors import ConfigError
 from commsgd.testing import SoloContext

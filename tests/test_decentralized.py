@@ -12,8 +12,9 @@ import torch
 import commsgd
 from commsgd.algorithms import validate_params
 from commsgd.algorithms.base import Slowdown
-from commsgd.algorithms.gossip import ModelVector, WireCodec
+from commsgd.algorithms.gossip import ModelVector
 from commsgd.algorithms.stragglers import Stragglers, gradient_by_deadline
+from commsgd.compression import Wire
 from commsgd.compression import get as get_compressor
 from commsgd.errors import ConfigError
 from commsgd.topology import build_topology
@@ -80,16 +81,24 @@ def test_custom_weights_file_is_checked(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "args"), [("rounding", {}), ("rounding", {"bits": 12}), ("qsgd", {}), ("none", {})]
 )
-def test_wire_codec_round_trip(name: str, args: dict[str, object]) -> None:
+def test_wire_message_round_trip(name: str, args: dict[str, object]) -> None:
     compressor = get_compressor(name, **args)
     x = torch.randn(1001)
-    codec = WireCodec(compressor, x.numel(), x.dtype, torch.device("cpu"))
+    codec = Wire(compressor, x.numel(), x.dtype)
     payload = compressor.compress(x, generator=torch.Generator().manual_seed(0))
     wire = codec.encode(payload)
     assert wire.dtype == torch.uint8 and wire.numel() == codec.nbytes == compressor.payload_nbytes(x.numel())
     received = codec.empty()
     received.copy_(wire)
-    torch.testing.assert_close(compressor.decompress(codec.decode(received)), compressor.decompress(payload))
+    torch.testing.assert_close(codec.decode(received), compressor.decompress(payload))
+
+
+def test_wire_refuses_a_point_to_point_payload_with_shared_tensors() -> None:
+    compressor = get_compressor("randomk", ratio=0.1, shared_indices=True)
+    payload = compressor.compress(torch.randn(100), generator=torch.Generator().manual_seed(0))
+    assert payload.shared
+    with pytest.raises(ValueError, match="shared tensors"):
+        Wire(compressor, 100).encode(payload)
 
 
 # ------------------------------------------------------------------------------------ model vector

@@ -18,8 +18,8 @@ the step must be far smaller than an SGD rate: lr_scale 0.02 gives 0.001 at the 
 signSGD papers use 1e-4 to 1e-3). Torch momentum is off; torch weight decay stays on and is decoupled:
 x -= lr * (lr_scale * vote + wd x).
 
-The helpers here (`FlatGradients`, `CompressorParams`, `Wire`, `Traffic`, `OwnsMomentum`) are shared with
-`dist_ef_sgd`.
+The helpers here (`FlatGradients`, `CompressorParams`, `Traffic`, `OwnsMomentum`) are shared with
+`dist_ef_sgd`; the byte layout of a payload is `commsgd.compression.Wire`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from commsgd.compression import (
     NonFiniteError,
     Payload,
     RandomK,
+    Wire,
     get,
     poisoned,
     unpack_signs,
@@ -181,48 +182,6 @@ def derived_seed(seed: int, salt: int, rank: int | None = None) -> int:
 def shares_randomness(compressor: Compressor) -> bool:
     """Whether workers must draw the same random numbers (randomk with indices derived, not sent)."""
     return isinstance(compressor, RandomK) and compressor.shared_indices
-
-
-class Wire:
-    """Byte layout of a compressor's payload for a vector of `numel` elements: its buffers end to end,
-    so that a payload of several buffers (values + indices, bits + scales) travels as one uint8 message."""
-
-    def __init__(self, compressor: Compressor, numel: int) -> None:
-        self.compressor, self.numel = compressor, numel
-        self.specs = compressor.buffer_specs(torch.Size([numel]))
-        self.nbytes = compressor.payload_nbytes(numel)
-
-    def pack(self, payload: Payload, out: Tensor) -> Tensor:
-        """Write the payload's buffers into the first `nbytes` of uint8 `out` (the rest is left as is)."""
-        offset = 0
-        for name, (count, dtype) in self.specs.items():
-            size = count * dtype.itemsize
-            out[offset : offset + size].copy_(payload.buffers[name].reshape(-1).view(torch.uint8))
-            offset += size
-        return out
-
-    def unpack(self, data: Tensor, template: Payload | None = None) -> Payload:
-        """The payload packed in `data` (uint8, at least `nbytes`); `template` supplies shared tensors.
-        Its buffers are views of `data` where their bytes lie on their type's alignment (copies where a
-        received row starts at an odd byte): read them, do not write them."""
-        buffers: dict[str, Tensor] = {}
-        offset = 0
-        for name, (count, dtype) in self.specs.items():
-            size = count * dtype.itemsize
-            part = data[offset : offset + size]
-            aligned = part.is_contiguous() and part.storage_offset() % dtype.itemsize == 0
-            buffers[name] = (part if aligned else part.clone()).view(dtype)
-            offset += size
-        if template is not None:
-            return template.with_buffers(buffers)
-        return Payload(buffers, torch.Size([self.numel]), torch.float32)
-
-    def decode(self, data: Tensor, template: Payload | None = None, out: Tensor | None = None) -> Tensor:
-        """Decompressed float32 vector of the payload packed in `data`, written into `out` when given
-        (see `Compressor.decompress`)."""
-        if self.numel == 0:
-            return torch.zeros(0, dtype=torch.float32, device=data.device) if out is None else out
-        return self.compressor.decompress(self.unpack(data, template), out=out)
 
 
 @dataclass
@@ -483,6 +442,5 @@ __all__ = [
     "OwnsMomentum",
     "Signum",
     "Traffic",
-    "Wire",
     "derived_seed",
 ]

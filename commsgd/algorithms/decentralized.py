@@ -30,9 +30,10 @@ import torch
 
 from commsgd.algorithms.base import Algorithm, MiniBatch, NextBatch, register
 from commsgd.algorithms.dist_ef_sgd import take_weight_decay
-from commsgd.algorithms.gossip import ModelVector, Neighbourhood, WireCodec, post_exchange
+from commsgd.algorithms.gossip import ModelVector, Neighbourhood
 from commsgd.algorithms.stragglers import StragglerMode, Stragglers, gradient_by_deadline
 from commsgd.comm import Pending
+from commsgd.compression import Wire
 from commsgd.compression import get as get_compressor
 from commsgd.config import OptimConfig, bounded
 from commsgd.errors import ConfigError, say
@@ -228,7 +229,7 @@ class DPSGD(Decentralized):
         self._received = [[torch.empty_like(x) for _ in peers] for x in self._sent]
         sends = [(x, j) for x in self._sent for j in peers]
         recvs = [(buf, j) for bufs in self._received for buf, j in zip(bufs, peers)]
-        self._pending = post_exchange(self.bound_ctx.comm, sends, recvs)
+        self._pending = self.bound_ctx.comm.post_exchange(sends, recvs)
 
     def after_step(self, step: int, loss: float) -> None:
         """x_i <- w_ii x_i + sum_j w_ij x_j + (optimizer's move of x_i)."""
@@ -276,9 +277,7 @@ class QDSGD(Decentralized):
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
         self.compressor = get_compressor(self.params.compressor, **self.params.compressor_args)
-        self.codecs = [
-            WireCodec(self.compressor, f.numel, f.buffer.dtype, ctx.device) for f in self.vector.flats
-        ]
+        self.codecs = [Wire(self.compressor, f.numel, f.buffer.dtype) for f in self.vector.flats]
         # a neighbour's message is decoded here (float32 vectors; others get a new tensor per message)
         self._decoded = [
             torch.empty(f.numel, device=ctx.device) if f.buffer.dtype == torch.float32 else None
@@ -329,16 +328,16 @@ class QDSGD(Decentralized):
             codec.encode(self.compressor.compress(x, generator=self.quant_gen))
             for codec, x in zip(self.codecs, xs)
         ]
-        received = [[codec.empty() for _ in peers] for codec in self.codecs]
+        received = [[codec.empty(self.bound_ctx.device) for _ in peers] for codec in self.codecs]
         sends = [(wire, j) for wire in wires for j in peers]
         recvs = [(buf, j) for bufs in received for buf, j in zip(bufs, peers)]
-        for pending in post_exchange(self.bound_ctx.comm, sends, recvs):
+        for pending in self.bound_ctx.comm.post_exchange(sends, recvs):
             pending.wait()
         mixed = []
         for codec, x, g, bufs, decoded in zip(self.codecs, xs, grads, received, self._decoded):
             new = x.mul_(1 - eps + eps * self.hood.self_weight)
             for buf, w in zip(bufs, self.hood.weights):
-                new.add_(self.compressor.decompress(codec.decode(buf), out=decoded), alpha=eps * w)
+                new.add_(codec.decode(buf, out=decoded), alpha=eps * w)
             mixed.append(new.add_(g, alpha=-alpha * eps))
         self.vector.write(mixed)
         for param in parameters_of(self.bound_model):

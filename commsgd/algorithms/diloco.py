@@ -37,14 +37,13 @@ from torch import Tensor
 from commsgd.algorithms.base import Algorithm, register
 from commsgd.algorithms.compressed import (
     CompressorParams,
-    Wire,
     compression_failed,
     derived_seed,
     load_into,
     shares_randomness,
 )
 from commsgd.comm import Pending
-from commsgd.compression import Compressor, ErrorFeedback, NonFiniteError, Payload, poisoned
+from commsgd.compression import Compressor, ErrorFeedback, NonFiniteError, Payload, Wire, poisoned
 from commsgd.config import bounded
 from commsgd.errors import ConfigError
 from commsgd.finite import all_finite

@@ -50,12 +50,11 @@ from commsgd.algorithms.compressed import (
     CompressorParams,
     OwnsMomentum,
     Traffic,
-    Wire,
     compression_failed,
     derived_seed,
     load_into,
 )
-from commsgd.compression import Compressor, NonFiniteError, Payload
+from commsgd.compression import Compressor, NonFiniteError, Payload, Wire
 from commsgd.compression.slices import codec_for
 from commsgd.config import bounded
 from commsgd.errors import ConfigError

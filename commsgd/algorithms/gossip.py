@@ -2,7 +2,8 @@
 
 A worker's model travels as flat buffers (one per dtype, so one message per neighbour per round for
 the usual float32 model); compressed payloads are packed into a single byte message. Every message
-goes through `comm.isend`/`comm.irecv`, so bytes are counted per edge.
+goes through `comm.post_exchange` (receives posted first), so bytes are counted per edge; a compressed
+payload's layout is `commsgd.compression.Wire`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from commsgd.comm import Communicator, Pending
-from commsgd.compression import Compressor, Payload
 from commsgd.flat import FlatBuffer
 from commsgd.topology import Topology
 
@@ -75,57 +74,3 @@ class Neighbourhood:
         peers = tuple(topology.neighbors(rank))
         row = topology.weights[rank]
         return cls(rank, peers, tuple(float(row[j]) for j in peers), float(row[rank]))
-
-
-def post_exchange(
-    comm: Communicator, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]]
-) -> list[Pending]:
-    """Post every receive, then every send, without waiting: no ordering of neighbours can deadlock.
-
-    Wait on all returned handles before reading the receive buffers or touching the send buffers.
-    """
-    pending = [comm.irecv(buffer, src) for buffer, src in recvs]
-    pending += [comm.isend(buffer, dst) for buffer, dst in sends]
-    return pending
-
-
-class WireCodec:
-    """Packs a compressor's payload for a flat tensor of `numel` values into one byte message, and back.
-
-    The layout comes from `compressor.empty_payload`, so sender and receiver agree without talking.
-    Only fixed-size payloads without shared (not sent) tensors fit a point-to-point message.
-    """
-
-    def __init__(self, compressor: Compressor, numel: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.compressor, self.device = compressor, device
-        self.template = compressor.empty_payload(numel, dtype, device=device)
-        self.layout = [
-            (key, buf.dtype, buf.numel() * buf.element_size()) for key, buf in self.template.buffers.items()
-        ]
-        self.nbytes = sum(size for _, _, size in self.layout)
-
-    def encode(self, payload: Payload) -> torch.Tensor:
-        """The payload's buffers back to back as one uint8 tensor."""
-        if payload.shared:
-            raise ValueError(
-                f"{self.compressor.name}: payloads with shared tensors cannot be sent point to point"
-            )
-        parts = [payload.buffers[key].reshape(-1).view(torch.uint8) for key, _, _ in self.layout]
-        wire = torch.cat(parts)
-        if wire.numel() != self.nbytes:
-            raise ValueError(
-                f"{self.compressor.name}: payload of {wire.numel()} bytes, expected {self.nbytes}"
-            )
-        return wire
-
-    def decode(self, wire: torch.Tensor) -> Payload:
-        """The payload a received byte message holds."""
-        buffers, offset = {}, 0
-        for key, dtype, size in self.layout:
-            buffers[key] = wire[offset : offset + size].clone().view(dtype)
-            offset += size
-        return self.template.with_buffers(buffers)
-
-    def empty(self) -> torch.Tensor:
-        """A receive buffer for one message."""
-        return torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)

@@ -18,6 +18,7 @@ from commsgd.compression.quantize import QSGD, Rounding, stochastic_round_
 from commsgd.compression.registry import COMPRESSORS, get
 from commsgd.compression.sign import BlockSign, ScaledSign, Sign
 from commsgd.compression.sparse import RandomK, TopK
+from commsgd.compression.wire import Wire
 
 __all__ = [
     "COMPRESSORS",
@@ -37,6 +38,7 @@ __all__ = [
     "ScaledSign",
     "Sign",
     "TopK",
+    "Wire",
     "get",
     "initial_q",
     "low_rank",
