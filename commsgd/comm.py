@@ -154,7 +154,7 @@ def _direct_exchange(
     that notice travels on the same TCP stream as the receiver's own outgoing data: when a worker starts
     sending first, its notice waits behind its data and the two directions of the link take turns.
     Measured across an emulated 0.1 Gbit/s link, 15 MB per worker between 2 nodes (wire time 1.25 s):
-    gloo all_gather 1.8-2.0 s, sends posted first 1.3 or 2.4 s, receives first 1.30-1.43 s.
+    gloo all_gather 1.8-2.1 s, sends posted first 1.3 or 2.4 s, receives first 1.30-1.43 s.
     Each worker sends (p-1) * n either way; the byte model is unchanged."""
     pending = [dist.irecv(t, src=r, group=pg, tag=_EXCHANGE_TAG) for t, r in recvs]
     pending += [dist.isend(t, dst=r, group=pg, tag=_EXCHANGE_TAG) for t, r in sends]
