@@ -277,7 +277,7 @@ class QDSGD(Decentralized):
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
         self.compressor = get_compressor(self.params.compressor, **self.params.compressor_args)
-        self.codecs = [Wire(self.compressor, f.numel, f.buffer.dtype) for f in self.vector.flats]
+        self.wires = [Wire(self.compressor, f.numel, f.buffer.dtype) for f in self.vector.flats]
         # a neighbour's message is decoded here (float32 vectors; others get a new tensor per message)
         self._decoded = [
             torch.empty(f.numel, device=ctx.device) if f.buffer.dtype == torch.float32 else None
@@ -324,20 +324,20 @@ class QDSGD(Decentralized):
                 param.grad.add_(param.detach(), alpha=wd)
         xs, grads = self.vector.read(), self.vector.gradients()
         peers = self.hood.peers
-        wires = [
-            codec.encode(self.compressor.compress(x, generator=self.quant_gen))
-            for codec, x in zip(self.codecs, xs)
+        messages = [
+            wire.encode(self.compressor.compress(x, generator=self.quant_gen))
+            for wire, x in zip(self.wires, xs)
         ]
-        received = [[codec.empty(self.bound_ctx.device) for _ in peers] for codec in self.codecs]
-        sends = [(wire, j) for wire in wires for j in peers]
+        received = [[wire.empty(self.bound_ctx.device) for _ in peers] for wire in self.wires]
+        sends = [(message, j) for message in messages for j in peers]
         recvs = [(buf, j) for bufs in received for buf, j in zip(bufs, peers)]
         for pending in self.bound_ctx.comm.post_exchange(sends, recvs):
             pending.wait()
         mixed = []
-        for codec, x, g, bufs, decoded in zip(self.codecs, xs, grads, received, self._decoded):
+        for wire, x, g, bufs, decoded in zip(self.wires, xs, grads, received, self._decoded):
             new = x.mul_(1 - eps + eps * self.hood.self_weight)
             for buf, w in zip(bufs, self.hood.weights):
-                new.add_(codec.decode(buf, out=decoded), alpha=eps * w)
+                new.add_(wire.decode(buf, out=decoded), alpha=eps * w)
             mixed.append(new.add_(g, alpha=-alpha * eps))
         self.vector.write(mixed)
         for param in parameters_of(self.bound_model):
@@ -347,7 +347,7 @@ class QDSGD(Decentralized):
         return {
             **super().summary(),
             "compressor": self.params.compressor,
-            "payload_bytes": sum(c.nbytes for c in self.codecs),
+            "payload_bytes": sum(w.nbytes for w in self.wires),
         }
 
     def state_dict(self) -> dict[str, Any]:
