@@ -61,6 +61,12 @@ def test_cluster_plan_uses_only_benchmarking_addresses_and_namespaces() -> None:
     assert all(ipaddress.ip_interface(a).network.subnet_of(BENCH_SUBNET) for a in addrs)
     shaped = [c for c in cmds if c[0] == "tc"]
     assert len(shaped) == 2 * 3 and all("tbf" in c and "100000000bit" in c for c in shaped)
+    # both ends of every link hand tbf only packets that fit its bucket (tbf would cut larger ones up)
+    bursts = {int(c[c.index("burst") + 1]) for c in shaped}
+    gso = [int(c[-1]) for c in cmds if "gso_max_size" in c]
+    assert len(gso) == 2 * 3 and bursts == {32 * 1024} and all(0 < g <= 16 * 1024 for g in gso)
+    fast = cl.ClusterPlan("t1", nodes=2, gbps=10.0)
+    assert fast.burst == 1_250_000 and fast.gso_bytes == 64 * 1024
     assert not any("netem" in c or "route" in c for c in cmds)
     assert plan.teardown_commands() == [["ip", "netns", "del", ns] for ns in plan.namespaces]
 
