@@ -103,22 +103,35 @@ def test_rows_compare_with_all_reduce_and_the_goals_name_what_misses_them(tmp_pa
     env = BenchEnv(tmp_path, quick=True)
     model = limit.Model("m", 32, 1, 2)
     link = limit.Link(0.1, 0.0)
-    runs = {
+    runs = {  # in the order they ran, as in jobs_for
         limit.COMPUTE: _run({0: [(1, 0.0, 0, 0), (3, 0.3, 0, 0)]}),
-        limit.COMPUTE_AFTER: _run({0: [(1, 0.0, 0, 0), (3, 0.2, 0, 0)]}),  # the faster one is used
         "allreduce": _run({0: [(1, 0.0, 0, 0), (3, 1.0, 2.5e6, 2)]}),
+        limit.reference_after("allreduce", False): _run({0: [(1, 0.0, 0, 0), (3, 0.2, 0, 0)]}),
         "powersgd": _run({0: [(1, 0.0, 0, 0), (3, 0.4, 1e5, 6)]}),
+        limit.reference_after("powersgd", False): None,  # a reference that did not finish is skipped
         "topk": _run({0: [(1, 0.0, 0, 0), (3, 0.6, 1e5, 2)]}),
+        limit.reference_after("topk", False): _run({0: [(1, 0.0, 0, 0), (3, 0.4, 0, 0)]}),
         "lsgd": None,
+        limit.COMPUTE_AFTER: _run({0: [(1, 0.0, 0, 0), (3, 0.5, 0, 0)]}),
     }
     rows = limit.rows_for(env, model, 0.1, runs, link)
     assert [r.algorithm for r in rows] == ["allreduce", "powersgd", "topk"]
     assert {r.algorithm: r.x_allreduce for r in rows} == pytest.approx(
         {"allreduce": 1, "powersgd": 0.4, "topk": 0.6}
     )
-    assert all(r.compute_s == pytest.approx(0.1) for r in rows)
-    assert "compute-only step 150 ms (lockstep 150 ms) and 100 ms (lockstep 100 ms)" in env.notes[0]
-    assert "changed by 50 % between the first and the last run" in env.notes[1]
+    # each algorithm is held to the faster of the references before and after its own run
+    assert {r.algorithm: r.compute_s for r in rows} == pytest.approx(
+        {"allreduce": 0.1, "powersgd": 0.1, "topk": 0.1}
+    )
+    assert [r.reference.step_s for r in rows] == pytest.approx([0.1, 0.1, 0.1])
+    assert "compute-only step 100-250 ms over 4 run(s)" in env.notes[0]
+    drift = [n for n in env.notes if "changed by" in n]
+    assert len(drift) == 3 and "50 % across allreduce's run" in drift[0]
+    assert "100 % across powersgd's" in drift[1]  # its own reference missing: the next one after it counts
+    # runs of the older layout (one reference at each end) still give rows
+    old = {k: runs[k] for k in (limit.COMPUTE, "allreduce", "powersgd", limit.COMPUTE_AFTER)}
+    older = limit.rows_for(BenchEnv(tmp_path, quick=True), model, 0.1, old, link)
+    assert [r.reference.step_s for r in older] == pytest.approx([0.15, 0.15])
     lines = limit.verdicts(rows)
     assert lines[0] == "- m, 0.1 Gbit/s: compressed steps <= 0.5x all-reduce SGD's: not met by topk 0.60x"
     assert "goal <= 1.1" in lines[1]
@@ -133,7 +146,13 @@ def test_without_the_compute_only_run_there_are_no_rows_and_a_note(tmp_path: Pat
 def test_jobs_give_the_periodic_methods_tau_and_the_reference_no_round(tmp_path: Path) -> None:
     env = BenchEnv(tmp_path, quick=False, data_dir="/data/cifar")
     jobs = dict(limit.jobs_for(env, limit.FULL_MODELS["resnet20"], 0.1, ["allreduce", "lsgd"], tau=4))
-    assert list(jobs) == [limit.COMPUTE, "allreduce", "lsgd", limit.COMPUTE_AFTER]
+    assert list(jobs) == [
+        limit.COMPUTE,
+        "allreduce",
+        f"{limit.COMPUTE}-after-allreduce",
+        "lsgd",
+        limit.COMPUTE_AFTER,
+    ]
     reference = jobs[limit.COMPUTE]
     assert reference.algorithm == "local_sgd" and f"algo.tau={limit.NO_ROUND}" in reference.overrides
     assert jobs[limit.COMPUTE_AFTER].overrides == reference.overrides

@@ -7,8 +7,10 @@ For each model, link rate and algorithm, from the steps after the warm-up (the s
 
 - step: seconds per training step;
 - compute-only: the step of local SGD with no averaging round in the run (same model, batch, node,
-  threads, data; no communication) - what the step would cost over an infinitely fast link; run before
-  and after the algorithms, the faster of the two;
+  threads, data; no communication) - what the step would cost over an infinitely fast link; run first
+  and again after every algorithm, and each algorithm is held to the faster of the two runs next to it
+  (this machine's speed drifts by 10-30 % within minutes: one reference at each end of the whole
+  series measured that drift, not the algorithms);
 - lockstep: the same run's mean over steps of the slower worker's step: what an algorithm that waits for
   both workers at every step pays for compute alone (a node's step varies by 10-15 % from step to step
   here, so the slower of two is above either's mean);
@@ -53,12 +55,22 @@ TITLE = "Compressed and low-communication algorithms against the physical limit 
 
 #: the reference run: local SGD whose period is longer than any run, so it never communicates
 COMPUTE = "compute-only"
-#: the same reference again after the algorithms: the bound takes the faster of the two (a drifting load
-#: shows as their difference, in the notes)
+#: the same reference again after the last algorithm (after each other one: `reference_after`); an
+#: algorithm's bound takes the faster of the references next to it (drift shows in the notes)
 COMPUTE_AFTER = "compute-only-after"
-REFERENCES = (COMPUTE, COMPUTE_AFTER)
-#: a change of the compute-only step between before and after beyond this is said in the notes
+#: a change of the compute-only step across one algorithm's run beyond this is said in the notes
 DRIFT = 0.1
+
+
+def reference_after(algorithm: str, last: bool) -> str:
+    """The label of the compute-only run that follows `algorithm`'s."""
+    return COMPUTE_AFTER if last else f"{COMPUTE}-after-{algorithm}"
+
+
+def is_reference(label: str) -> bool:
+    return label == COMPUTE or label.startswith(f"{COMPUTE}-after")
+
+
 NO_ROUND = 10**6
 NODES = 2
 
@@ -117,7 +129,8 @@ def run_name(model: str, gbps: float, label: str) -> str:
 def jobs_for(
     env: BenchEnv, model: Model, gbps: float, algorithms: Sequence[str], tau: int
 ) -> list[tuple[str, Job]]:
-    """(label, job) of the compute-only reference and of every compared algorithm at one link rate."""
+    """(label, job) of every compared algorithm at one link rate, in the order they run, with a
+    compute-only reference before the first and after each one."""
     steps = model.warmup + model.timed
     if env.quick:
         task = ["model=mlp", "data.dataset=digits"]
@@ -140,12 +153,13 @@ def jobs_for(
         )
 
     out = [reference(COMPUTE)]
-    for algo in algorithms:
+    for k, algo in enumerate(algorithms):
         extra = [f"algo.tau={tau}"] if "tau" in params.get(algo, ()) else []
         if algo == "allreduce":
             extra.append(f"algo.bucket_mb={model.bucket_mb:g}")
         out.append((algo, Job(run_name(model.name, gbps, algo), algo, NODES, steps, [*base, *extra])))
-    return [*out, reference(COMPUTE_AFTER)]
+        out.append(reference(reference_after(algo, last=k == len(algorithms) - 1)))
+    return out
 
 
 # --------------------------------------------------------------------------------------- numbers
@@ -224,7 +238,7 @@ class Row:
     gbps: float
     algorithm: str
     pace: Pace
-    reference: Pace  # the compute-only run's
+    reference: Pace  # the faster of the compute-only runs next to this one
     link: Link
     allreduce_s: float | None
 
@@ -338,34 +352,46 @@ def _link(env: BenchEnv, model: str, gbps: float) -> Link:
     return Link(float(found.get("link_gbps", gbps)), float(latency or 0.0))
 
 
+def neighbours(labels: Sequence[str], index: int, paces: dict[str, Pace | None]) -> list[Pace]:
+    """The compute-only paces nearest before and after position `index` of the run order (a reference
+    that did not finish is skipped; runs of an older layout have one at each end only)."""
+    before = [paces[x] for x in reversed(labels[:index]) if is_reference(x) and paces.get(x)]
+    after = [paces[x] for x in labels[index + 1 :] if is_reference(x) and paces.get(x)]
+    return [p for p in (before[:1] + after[:1]) if p is not None]
+
+
 def rows_for(env: BenchEnv, model: Model, gbps: float, runs: dict[str, Run | None], link: Link) -> list[Row]:
-    found = [pace(r, model.warmup) for label in REFERENCES if (r := runs.get(label)) is not None]
-    references = [p for p in found if p is not None]
+    """One row per finished algorithm run; `runs` in the order they ran (`jobs_for`)."""
+    labels = list(runs)
+    paces = {label: pace(r, model.warmup) if r is not None else None for label, r in runs.items()}
+    references = [p for label, p in paces.items() if is_reference(label) and p is not None]
     if not references:
         env.note(f"limit: {model.name} at {gbps:g} Gbit/s: no compute-only run finished; no rows")
         return []
-    reference = min(references, key=lambda p: p.step_s)
+    steps = sorted(1e3 * p.step_s for p in references)
     env.note(
-        f"limit: {model.name} at {gbps:g} Gbit/s: compute-only step "
-        + " and ".join(f"{1e3 * p.step_s:.0f} ms (lockstep {1e3 * p.lockstep_s:.0f} ms)" for p in references)
-        + " (before and after the algorithms); the bound uses the faster run"
+        f"limit: {model.name} at {gbps:g} Gbit/s: compute-only step {steps[0]:.0f}"
+        + (f"-{steps[-1]:.0f}" if len(steps) > 1 else "")
+        + f" ms over {len(steps)} run(s) between the algorithms; each algorithm's bound uses the faster "
+        "of the two next to it"
     )
-    drift = max(p.step_s for p in references) / reference.step_s - 1
-    if drift > DRIFT:
-        env.note(
-            f"limit: {model.name} at {gbps:g} Gbit/s: the node's compute-only step changed by "
-            f"{100 * drift:.0f} % between the first and the last run, so the ratios of the runs in between "
-            "carry about that much uncertainty"
-        )
-    paces = {
-        label: pace(r, model.warmup) for label, r in runs.items() if r is not None and label not in REFERENCES
-    }
     allreduce = paces.get("allreduce")
     rows = []
-    for label, p in paces.items():
+    for index, label in enumerate(labels):
+        if is_reference(label) or runs[label] is None:
+            continue
+        p = paces[label]
         if p is None:
             env.note(f"limit: {run_name(model.name, gbps, label)}: too few steps in its metrics")
             continue
+        near = neighbours(labels, index, paces) or references
+        reference = min(near, key=lambda q: q.step_s)
+        drift = max(q.step_s for q in near) / reference.step_s - 1
+        if drift > DRIFT:
+            env.note(
+                f"limit: {model.name} at {gbps:g} Gbit/s: the compute-only step changed by "
+                f"{100 * drift:.0f} % across {label}'s run, so its ratios carry about that much uncertainty"
+            )
         rows.append(Row(model.name, gbps, label, p, reference, link, allreduce.step_s if allreduce else None))
     return rows
 
@@ -395,8 +421,8 @@ def verdicts(rows: Sequence[Row]) -> list[str]:
 def run(env: BenchEnv, args: argparse.Namespace) -> str:
     start = time.perf_counter()
     if getattr(args, "in_suite", False) and not env.quick:
-        env.note("limit: not part of the full suite (about 20 minutes); run `commsgd bench limit`")
-        return "not run in the suite: `commsgd bench limit --data-dir DIR` on its own (about 20 minutes)"
+        env.note("limit: not part of the full suite (about 40 minutes); run `commsgd bench limit`")
+        return "not run in the suite: `commsgd bench limit --data-dir DIR` on its own (about 40 minutes)"
     if not env.quick and not env.data_dir:
         raise ConfigError(
             "bench limit: needs --data-dir (e.g. ../shared/data/cifar10-jpeg); --quick runs without"
