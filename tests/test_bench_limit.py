@@ -166,6 +166,21 @@ def test_jobs_give_the_periodic_methods_tau_and_the_reference_no_round(tmp_path:
     )
 
 
+def test_reuse_reads_older_runs_without_the_references_between_algorithms(tmp_path: Path) -> None:
+    env = BenchEnv(tmp_path, quick=False, data_dir="/data/cifar")
+    jobs = limit.jobs_for(env, limit.FULL_MODELS["vgg16"], 1.0, ["allreduce", "topk", "lsgd"], tau=4)
+    (env.runs_dir("limit") / jobs[4][1].name).mkdir(parents=True)  # the reference after topk was made
+    kept = [label for label, _ in limit.reusable(env, jobs)]
+    assert kept == [
+        limit.COMPUTE,
+        "allreduce",
+        "topk",
+        f"{limit.COMPUTE}-after-topk",
+        "lsgd",
+        limit.COMPUTE_AFTER,
+    ]
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [

@@ -68,6 +68,7 @@ def reference_after(algorithm: str, last: bool) -> str:
 
 
 def is_reference(label: str) -> bool:
+    """Whether `label` names a compute-only run (the first, one after an algorithm, or the last)."""
     return label == COMPUTE or label.startswith(f"{COMPUTE}-after")
 
 
@@ -352,12 +353,25 @@ def _link(env: BenchEnv, model: str, gbps: float) -> Link:
     return Link(float(found.get("link_gbps", gbps)), float(latency or 0.0))
 
 
+def reusable(env: BenchEnv, jobs: Sequence[tuple[str, Job]]) -> list[tuple[str, Job]]:
+    """`--reuse`: the jobs to read back, without the references between algorithms that an earlier run
+    of the older layout (one reference at each end only) never made; a missing algorithm or end
+    reference stays, so that its absence is noted."""
+    return [
+        (label, job)
+        for label, job in jobs
+        if label in (COMPUTE, COMPUTE_AFTER)
+        or not is_reference(label)
+        or (env.runs_dir("limit") / job.name).is_dir()
+    ]
+
+
 def neighbours(labels: Sequence[str], index: int, paces: dict[str, Pace | None]) -> list[Pace]:
     """The compute-only paces nearest before and after position `index` of the run order (a reference
     that did not finish is skipped; runs of an older layout have one at each end only)."""
-    before = [paces[x] for x in reversed(labels[:index]) if is_reference(x) and paces.get(x)]
-    after = [paces[x] for x in labels[index + 1 :] if is_reference(x) and paces.get(x)]
-    return [p for p in (before[:1] + after[:1]) if p is not None]
+    before = [p for x in reversed(labels[:index]) if is_reference(x) and (p := paces.get(x)) is not None]
+    after = [p for x in labels[index + 1 :] if is_reference(x) and (p := paces.get(x)) is not None]
+    return before[:1] + after[:1]
 
 
 def rows_for(env: BenchEnv, model: Model, gbps: float, runs: dict[str, Run | None], link: Link) -> list[Row]:
@@ -444,6 +458,7 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         for gbps in rates:
             jobs = jobs_for(env, model, gbps, algorithms, args.tau)
             if args.reuse:
+                jobs = reusable(env, jobs)
                 found = reuse_runs(env, "limit", [j for _, j in jobs])
                 runs = {label: found.get(job.name) for label, job in jobs}
             else:
