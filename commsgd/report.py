@@ -566,14 +566,15 @@ def bytes_at_evaluations(run: Run) -> tuple[list[float], list[float]]:
 
 def on_log_axis(series: Series, axis: str) -> Series:
     """`series` without the points a log `axis` ("x" or "y") cannot show (zero bytes), saying so in
-    its label, so that a run which sent nothing is named instead of silently missing."""
+    its note (beside its label in the legend), so that a run which sent nothing is named instead of
+    silently missing."""
     from commsgd.plots import Series
 
     kept = [(x, y) for x, y in zip(series.x, series.y) if float(x if axis == "x" else y) > 0]
     if len(kept) == len(series.y):
         return series
     note = "sent 0 B" if not kept else "points at 0 B left out"
-    return Series(f"{series.label} ({note})", [x for x, _ in kept], [y for _, y in kept])
+    return Series(series.label, [x for x, _ in kept], [y for _, y in kept], note=note)
 
 
 #: the zoom panel shows the last this much of each curve's x range

@@ -194,9 +194,9 @@ def test_bytes_and_communication_curves(tmp_path: Path) -> None:
 
 def test_zero_bytes_are_named_not_silently_dropped_from_log_axes() -> None:
     silent = on_log_axis(Series("lsgd", [0.0, 0.0], [0.5, 0.2]), "x")
-    assert silent.label == "lsgd (sent 0 B)" and not silent.x
+    assert silent.legend_label == "lsgd (sent 0 B)" and not silent.x
     late = on_log_axis(Series("local", [1.0, 2.0, 3.0], [0.0, 50.0, 50.0]), "y")
-    assert late.label == "local (points at 0 B left out)" and late.x == [2.0, 3.0]
+    assert late.legend_label == "local (points at 0 B left out)" and late.x == [2.0, 3.0]
     every = Series("allreduce", [1.0, 2.0], [1.0, 2.0])
     assert on_log_axis(every, "y") is every
 
@@ -347,3 +347,29 @@ def test_report_from_a_real_run(tmp_path: Path) -> None:
     assert (out / "train_loss.png").read_bytes().startswith(PNG_MAGIC)
     load = machine_load(load_run(run))  # recorded by rank 0 at the start and end of training
     assert load is not None and min(load) >= 0
+
+
+def test_many_runs_share_one_legend_under_the_figure() -> None:
+    from commsgd.plots import SHARED_LEGEND_FROM, draw_figure, series_style
+
+    labels = [f"run-{i}" for i in range(12)]
+    lines = [Series(name, [1.0, 2.0], [float(i), float(i + 1)]) for i, name in enumerate(labels)]
+    lines[3] = Series("run-3", [], [], note="sent 0 B")
+    shares = Series("", labels, [0.1 * i / 12 for i in range(12)])
+    fig = draw_figure(
+        [
+            Panel("lines", "step", "bytes", lines),
+            Panel("share", "", "share", [shares], kind="bar", percent_y=True, color_bars=True),
+        ]
+    )
+    line_axes, bar_axes = fig.axes
+    assert line_axes.get_legend() is None and bar_axes.get_legend() is None
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == labels
+    assert any("sent 0 B: run-3" in t.get_text() for t in line_axes.texts)  # the note, in the panel
+    assert [t.get_text() for t in bar_axes.get_yticklabels()] == labels  # bars lie horizontally
+    drawn = line_axes.get_lines()
+    assert drawn[0].get_color() == drawn[10].get_color() == series_style(10)[0]
+    assert drawn[0].get_linestyle() != drawn[10].get_linestyle()  # same colour, another line style
+    few = draw_figure([Panel("lines", "step", "bytes", lines[: SHARED_LEGEND_FROM - 1])])
+    assert not few.legends and few.axes[0].get_legend() is not None
