@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy
 import torch
 
 #: the four starting points of the supplement's Table 1
@@ -39,8 +40,14 @@ class PlainSGD:
             {"params": list(params), "lr": lr, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False}
         ]
 
-    @torch.no_grad()
     def step(self) -> None:
+        if torch.is_grad_enabled():  # the caller's loop is usually in no_grad already: no second context
+            with torch.no_grad():
+                self._update()
+        else:
+            self._update()
+
+    def _update(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -80,7 +87,10 @@ def toy2d_value_and_grad(xy: torch.Tensor) -> tuple[float, torch.Tensor]:
     r = math.sqrt(r2)
     pr = math.pi * r
     slope = (math.cos(pr) * pr - math.sin(pr)) / (pr * r) / r
-    return math.sin(pr) / pr, torch.tensor([slope * x, slope * y], dtype=xy.dtype)
+    grad = [slope * x, slope * y]
+    if xy.dtype == torch.float64:  # through numpy: a third of the time torch.tensor takes for two floats
+        return math.sin(pr) / pr, torch.from_numpy(numpy.array(grad))
+    return math.sin(pr) / pr, torch.tensor(grad, dtype=xy.dtype)
 
 
 def matrix_instance(dim: int, rank: int, seed: int, trial: int) -> torch.Tensor:

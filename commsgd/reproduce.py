@@ -214,18 +214,18 @@ def _descend(
 
     every = max(1, s["steps"] // 100)
     x = model.x  # the one parameter (the algorithms move its values, never replace it)
-    for step in range(1, s["steps"] + 1):
-        with torch.no_grad():
+    with torch.no_grad():  # closed-form gradients: nothing here records an autograd graph
+        for step in range(1, s["steps"] + 1):
             value, x.grad = objective(x)
-        record(x, float(value))
-        opt.step(value, step=step)
-        if step % every == 0:
-            report_progress(**{method.upper(): f"{100 * step // s['steps']:3d}%"})
-    final = model.x.detach().clone()
-    final_value = float(objective(final)[0])
-    record(final, final_value)
-    with torch.no_grad(), algo.evaluated_parameters():
-        center = model.x.detach().clone()
+            record(x, float(value))
+            opt.step(value, step=step)
+            if step % every == 0:
+                report_progress(**{method.upper(): f"{100 * step // s['steps']:3d}%"})
+        final = model.x.detach().clone()
+        final_value = float(objective(final)[0])
+        record(final, final_value)
+        with algo.evaluated_parameters():
+            center = model.x.detach().clone()
     return {"final": final_value, "center": float(objective(center)[0]), "center_x": center.tolist()}
 
 

@@ -9,22 +9,32 @@ import torch
 
 import commsgd
 from commsgd.api import all_finite
+from commsgd.finite import SMALL_CHECK
 
 
+#: element counts on either side of `SMALL_CHECK`: checked in Python, and by the fused kernel
+SCALES = [1, 10]
+
+
+@pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_one_bad_element_anywhere_is_caught(bad: float) -> None:
-    tensors = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2)]
+def test_one_bad_element_anywhere_is_caught(bad: float, scale: int) -> None:
+    tensors = [torch.randn(5 * scale, 3), torch.randn(7 * scale), torch.randn(2, 2 * scale)]
+    assert (sum(t.numel() for t in tensors) <= SMALL_CHECK) == (scale == 1)
     assert all_finite(tensors)
     tensors[1][4] = bad
     assert not all_finite(tensors)
 
 
-def test_opposite_infinities_do_not_cancel() -> None:
-    assert not all_finite([torch.tensor([math.inf, 1.0]), torch.tensor([-math.inf])])
+@pytest.mark.parametrize("scale", SCALES)
+def test_opposite_infinities_do_not_cancel(scale: int) -> None:
+    ones = torch.ones(SMALL_CHECK * (scale - 1))
+    assert not all_finite([torch.tensor([math.inf, 1.0]), torch.tensor([-math.inf]), ones])
 
 
-def test_low_precision_sums_do_not_overflow_on_finite_values() -> None:
-    big = torch.full((4,), 60000.0, dtype=torch.float16)  # sums past the float16 maximum (65504)
+@pytest.mark.parametrize("scale", SCALES)
+def test_low_precision_sums_do_not_overflow_on_finite_values(scale: int) -> None:
+    big = torch.full((4 * scale * scale,), 60000.0, dtype=torch.float16)  # sums past the float16 maximum
     assert all_finite([big, torch.ones(3, dtype=torch.bfloat16)])
     big[2] = math.nan
     assert not all_finite([big])

@@ -1,0 +1,181 @@
+"""`commsgd reproduce toy2d` against a plain numpy loop over the same steps, side by side.
+
+    python benchmarks/toy2d_numpy.py [--steps 20000] [--repeats 3]
+
+The numpy loop is the two methods' math and nothing else: every worker's point in one (workers, 2) array,
+the closed-form gradient, the SGD step, then LGD's leader pull (eq. 3 of the LSGD paper: the worker with
+the lowest objective at x_t leads, the others move by -pull (x_t - x_leader)) or EAGD's elastic pull
+toward the center (alpha = beta / workers), once with numpy arrays and once on Python floats point by
+point (the faster of the two for 4 points of 2 numbers). It checks that all three reach the same points
+(the best objective and the center's, to 1e-9) and times them alternately: the command from its start
+to its exit (torch's import, the simulated world, the plot), the loops in this process. Prints a Markdown
+table, the ratio to the faster loop and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+#: reproduce toy2d's defaults (commsgd/reproduce.py) and the supplement's four starting points
+LR, PULL, BETA, PERIOD = 0.1, 0.1, 0.43, 1
+POINTS = ((-6.0, -4.0), (-15.0, -18.0), (20.0, 11.0), (17.0, 8.0))
+
+
+def value_and_grad(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sin(pi r) / (pi r) at each row and its gradient (1 and 0 at the origin)."""
+    r = np.sqrt((xy * xy).sum(axis=1))
+    pr = np.pi * np.maximum(r, 1e-300)
+    value = np.where(r > 1e-15, np.sin(pr) / pr, 1.0)
+    slope = np.where(r > 1e-15, (np.cos(pr) * pr - np.sin(pr)) / (pr * np.maximum(r, 1e-300) ** 2), 0.0)
+    return value, slope[:, None] * xy
+
+
+def descend(method: str, points: np.ndarray, steps: int) -> dict[str, float]:
+    """One method from `points`: the best final objective over the workers and the center's."""
+    x = points.copy()
+    workers = len(x)
+    center = x.mean(axis=0)
+    alpha = BETA / workers
+    for step in range(1, steps + 1):
+        value, grad = value_and_grad(x)
+        start = x.copy()  # x_t: the point every pull is measured from
+        x -= LR * grad
+        if step % PERIOD:
+            continue
+        if method == "lgd":
+            leader = int(np.argmin(value))
+            x -= PULL * (start - start[leader])  # the leader's own pull is zero
+        else:
+            diff = start - center
+            x -= alpha * diff
+            center += alpha * diff.sum(axis=0)
+    final = value_and_grad(x)[0]
+    evaluated = x.mean(axis=0) if method == "lgd" else center
+    return {"best": float(final.min()), "center": float(value_and_grad(evaluated[None, :])[0][0])}
+
+
+def float_value_and_grad(x: float, y: float) -> tuple[float, float, float]:
+    """`value_and_grad` of one point on Python floats."""
+    r = math.sqrt(x * x + y * y)
+    if r <= 1e-15:
+        return 1.0, 0.0, 0.0
+    pr = math.pi * r
+    slope = (math.cos(pr) * pr - math.sin(pr)) / (pr * r * r)
+    return math.sin(pr) / pr, slope * x, slope * y
+
+
+def descend_floats(method: str, points: list[list[float]], steps: int) -> dict[str, float]:
+    """`descend` on Python floats, worker by worker (faster than numpy for 4 points of 2 numbers)."""
+    x = [list(p) for p in points]
+    workers = len(x)
+    center = [sum(p[0] for p in x) / workers, sum(p[1] for p in x) / workers]
+    alpha = BETA / workers
+    for step in range(1, steps + 1):
+        start = [list(p) for p in x]
+        values = []
+        for p in x:
+            value, gx, gy = float_value_and_grad(p[0], p[1])
+            values.append(value)
+            p[0] -= LR * gx
+            p[1] -= LR * gy
+        if step % PERIOD:
+            continue
+        if method == "lgd":
+            lead = start[values.index(min(values))]
+            for p, s in zip(x, start):
+                p[0] -= PULL * (s[0] - lead[0])
+                p[1] -= PULL * (s[1] - lead[1])
+        else:
+            total = [0.0, 0.0]
+            for p, s in zip(x, start):
+                for k in (0, 1):
+                    diff = s[k] - center[k]
+                    p[k] -= alpha * diff
+                    total[k] += diff
+            center = [center[0] + alpha * total[0], center[1] + alpha * total[1]]
+    finals = [float_value_and_grad(p[0], p[1])[0] for p in x]
+    if method == "lgd":
+        center = [sum(p[0] for p in x) / workers, sum(p[1] for p in x) / workers]
+    return {"best": min(finals), "center": float_value_and_grad(center[0], center[1])[0]}
+
+
+def numpy_run(steps: int) -> dict[str, dict[str, float]]:
+    points = np.array(POINTS, dtype=np.float64)
+    return {method: descend(method, points, steps) for method in ("lgd", "eagd")}
+
+
+def floats_run(steps: int) -> dict[str, dict[str, float]]:
+    points = [list(p) for p in POINTS]
+    return {method: descend_floats(method, points, steps) for method in ("lgd", "eagd")}
+
+
+def command_run(steps: int, out: Path) -> tuple[float, dict[str, dict[str, float]]]:
+    """Seconds from the command's start to its exit, and its summary."""
+    cmd = [sys.executable, "-m", "commsgd", "reproduce", "toy2d", "--steps", str(steps), "--json"]
+    start = time.perf_counter()
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - start
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return seconds, {m: {"best": summary[m]["best"], "center": summary[m]["center"]} for m in summary}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    loops = {
+        "numpy loop (one array of the 4 points)": numpy_run,
+        "Python loop (floats, point by point)": floats_run,
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in [*loops, "command"]}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for name, loop in loops.items():
+                start = time.perf_counter()
+                results[name] = loop(args.steps)
+                seconds[name].append(time.perf_counter() - start)
+            took, results["command"] = command_run(args.steps, Path(tmp))
+            seconds["command"].append(took)
+    for name, result in results.items():
+        for method, ref in result.items():
+            for key, value in ref.items():
+                theirs = results["command"][method][key]
+                if not math.isclose(value, theirs, rel_tol=0, abs_tol=1e-9):
+                    print(f"{name}: {method} {key} {value!r}, commsgd {theirs!r}", file=sys.stderr)
+                    return 1
+    median = {name: statistics.median(runs) for name, runs in seconds.items()}
+    fastest = min(loops, key=lambda name: median[name])
+    steps, repeats = args.steps, args.repeats
+    print(f"toy2d, 4 workers, {steps} steps of each method (LGD, EAGD); median of {repeats}, alternated\n")
+    print("| what | seconds | runs |")
+    print("|---|---|---|")
+    for name, runs in seconds.items():
+        what = "`commsgd reproduce toy2d`, command to exit" if name == "command" else f"{name}, the math only"
+        print(f"| {what} | {median[name]:.3f} | {', '.join(f'{s:.3f}' for s in runs)} |")
+    summary = ", ".join(
+        f"{m.upper()} {r['best']:.4f} / {r['center']:.4f}" for m, r in results["command"].items()
+    )
+    ratio = median["command"] / median[fastest]
+    loop = fastest.split(" (")[0]
+    print(f"\nthe command takes {ratio:.1f}x the faster loop ({loop}); all three reach the same")
+    print(f"best and center objectives (to 1e-9): {summary}")
+    print(f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
