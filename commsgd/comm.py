@@ -190,7 +190,10 @@ class CommMeter:
 
     @property
     def current(self) -> Counters:
-        return self.phases.setdefault(self.phase, Counters())
+        found = self.phases.get(self.phase)  # every op asks: no Counters built when the phase has one
+        if found is None:
+            found = self.phases[self.phase] = Counters()
+        return found
 
     @contextlib.contextmanager
     def in_phase(self, name: str) -> Iterator[None]:

@@ -11,7 +11,6 @@ import commsgd
 from commsgd.api import all_finite
 from commsgd.finite import SMALL_CHECK
 
-
 #: element counts on either side of `SMALL_CHECK`: checked in Python, and by the fused kernel
 SCALES = [1, 10]
 

@@ -165,10 +165,7 @@ class RoundAlgorithm(Algorithm):
             self.clock.load_state_dict(self._pending_clock)
 
     def is_round(self, step: int) -> bool:
-        for period in self.periods():  # a plain loop: called twice a step, on every step
-            if step % period == 0:
-                return True
-        return False
+        return any(step % period == 0 for period in self.periods())
 
     def after_backward(self, step: int) -> None:
         if self.snapshot_every_step or (self.clock is None and self.is_round(step)):
