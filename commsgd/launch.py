@@ -141,8 +141,9 @@ def worker_entry(
     from commsgd.train import run_worker
 
     os.environ.update(launched or {})
-    if _embedded():  # forked with SIGINT ignored (`worker_server`): Ctrl-C stops it as any program
+    if _embedded():  # forked with SIGINT blocked (`worker_server`): Ctrl-C stops it as any program
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     # A crash in C++ (SIGSEGV, SIGABRT at exit) prints every thread's Python stack: it names the cause.
     faulthandler.enable(all_threads=True)
 
@@ -253,21 +254,24 @@ def worker_server() -> Iterator[None]:
     its own forkserver, so that a later launch of this process does not run on an older one's.
     """
     import multiprocessing
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
     server = forkserver._forkserver
     _stop_worker_server(server)  # one started earlier (by other code) holds another environment
     multiprocessing.set_forkserver_preload(list(WORKER_MODULES))
-    # Started ignoring SIGINT, Ctrl-C during its imports prints no traceback of its own (this
-    # process says it); its workers inherit that and take the usual handler back (`worker_entry`).
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Started with SIGINT blocked, Ctrl-C during its imports prints no traceback of its own (it
+    # stays pending there, and the forkserver ignores SIGINT once it serves); its workers inherit the
+    # mask and unblock it (`worker_entry`). Here it is blocked, not ignored: a Ctrl-C while the
+    # forkserver starts is delivered when the mask is restored, never lost. multiprocessing's
+    # resource tracker starts first: starting, it unblocks SIGINT itself.
+    resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C held meanwhile is raised here
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _stop_worker_server(server)
 
 

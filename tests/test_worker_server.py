@@ -34,6 +34,20 @@ def test_each_launch_gets_its_own_forkserver_that_ends_with_it() -> None:
     assert _forkserver_pid() is None
 
 
+def test_ctrl_c_while_the_forkserver_starts_is_held_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    start = forkserver.ensure_running
+
+    def start_and_interrupt() -> None:
+        start()
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while this process waits for the forkserver
+
+    monkeypatch.setattr(forkserver, "ensure_running", start_and_interrupt)
+    with pytest.raises(KeyboardInterrupt), worker_server():
+        time.sleep(5)  # a lost Ctrl-C would sleep here and end the block without KeyboardInterrupt
+    assert _forkserver_pid() is None  # the forkserver is stopped all the same
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
 def _forkserver_child(pid: int) -> int | None:
     """The forkserver among the children of process `pid`, once it has started."""
     try:
