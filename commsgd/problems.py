@@ -112,9 +112,15 @@ def matrix_objective(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return 0.25 * (residual * residual).sum()
 
 
-def matrix_value_and_grad(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """F(X) and its exact gradient (X X^T - M) X, in closed form (one residual, two products)."""
-    residual = x @ x.T - m
+def matrix_value_and_grad(
+    x: torch.Tensor, m: torch.Tensor, work: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """F(X) and its exact gradient (X X^T - M) X, in closed form (one residual, two products).
+
+    `work`: a d x d buffer for the residual, kept by the caller: the same arithmetic, bit for bit,
+    without two fresh d x d temporaries a step (8 MB each at d = 1000: the allocator hands them back
+    to the OS and the next step faults them in again)."""
+    residual = x @ x.T - m if work is None else torch.mm(x, x.T, out=work).sub_(m)
     flat = residual.reshape(-1)
     return 0.25 * torch.dot(flat, flat), residual @ x
 

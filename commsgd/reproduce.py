@@ -249,6 +249,7 @@ def _matrix_worker(s: dict[str, Any]) -> dict[str, list[list[float]]]:
 
     ctx = commsgd.init()
     curves: dict[str, list[list[float]]] = {m: [] for m in METHODS}
+    residual = torch.empty(s["dim"], s["dim"], dtype=torch.float64)  # this worker's, every step
     for trial in range(s["trials"]):
         if ctx.rank == 0:
             from commsgd.simworld import report_progress
@@ -258,7 +259,7 @@ def _matrix_worker(s: dict[str, Any]) -> dict[str, list[list[float]]]:
         start = matrix_start(s["dim"], s["rank"], s["seed"], trial, ctx.rank)
 
         def objective(x: torch.Tensor, m: torch.Tensor = m) -> tuple[torch.Tensor, torch.Tensor]:
-            return matrix_value_and_grad(x, m)
+            return matrix_value_and_grad(x, m, residual)
 
         for method in METHODS:
             trace = Trace(s["steps"], points=False)
@@ -305,10 +306,10 @@ def toy2d(s: dict[str, Any], processes: bool = False) -> tuple[dict[str, Any], l
 
 def matrix_completion(s: dict[str, Any], processes: bool = False) -> dict[str, Any]:
     """Both methods on `s['trials']` random instances; per method and trial the best objective per step."""
-    # threads: a step is milliseconds of matrix products, so hand-overs do not count; in one thread
-    # the workers' 8 MB temporaries went back to the OS and were faulted in again (~100x the page
-    # faults, a third of the run in the kernel)
-    workers = _run_workers(_matrix_worker, s["workers"], s, processes)
+    # coroutines: each worker keeps its d x d residual buffer (`matrix_value_and_grad`), so one thread
+    # no longer hands 8 MB temporaries back to the OS and faults them in again every step (which made
+    # threads the faster scheduler here: ~100x the page faults, a third of the run in the kernel)
+    workers = _run_workers(_matrix_worker, s["workers"], s, processes, scheduler="greenlet")
     summary: dict[str, Any] = {}
     for method in METHODS:
         curves = [

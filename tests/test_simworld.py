@@ -3,6 +3,7 @@ collective type the algorithms use, and a failing or stuck worker ends the run w
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -450,6 +451,10 @@ def test_closed_form_gradients_equal_autograd() -> None:
     torch.testing.assert_close(value, matrix_objective(x.detach(), m))
     assert x.grad is not None
     torch.testing.assert_close(grad, x.grad)
+    work = torch.full((6, 6), math.nan, dtype=torch.float64)  # a kept buffer: the same bits
+    for _ in range(2):
+        again, kept = matrix_value_and_grad(x.detach(), m, work)
+        assert torch.equal(again, value) and torch.equal(kept, grad)
 
 
 @pytest.mark.parametrize(
