@@ -135,6 +135,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be >= 1")  # one line, exit 2
     load_before = os.getloadavg()[0]
     loops = {
         "numpy loop (one array of the 4 points)": numpy_run,

@@ -229,7 +229,7 @@ def draw_figure(
     """`panels` in a grid of at most `columns` per row (each `size` inches). With `SHARED_LEGEND_FROM`
     labelled series or more in a panel, one legend in columns under the grid replaces the panels' own."""
     if not panels:
-        raise ValueError("save_figure: no panels to draw")
+        raise ValueError("draw_figure: no panels to draw")
     cols = min(columns, len(panels))
     rows = math.ceil(len(panels) / cols)
     entries = _legend_entries(panels)
