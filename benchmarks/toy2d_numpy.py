@@ -2,11 +2,12 @@
 
     python benchmarks/toy2d_numpy.py [--steps 20000] [--repeats 3]
 
-The numpy loop is the two methods' math and nothing else: every worker's point in one (workers, 2) array,
-the closed-form gradient, the SGD step, then LGD's leader pull (eq. 3 of the LSGD paper: the worker with
-the lowest objective at x_t leads, the others move by -pull (x_t - x_leader)) or EAGD's elastic pull
-toward the center (alpha = beta / workers), once with numpy arrays and once on Python floats point by
-point (the faster of the two for 4 points of 2 numbers). It checks that all three reach the same points
+The loops are the two methods' math and nothing else: the closed-form gradient, the SGD step, then LGD's
+leader pull (eq. 3 of the LSGD paper: the worker with the lowest objective at x_t leads, the others move
+by -pull (x_t - x_leader)) or EAGD's elastic pull toward the center (alpha = beta / workers); once on
+numpy arrays, every worker's point in one (workers, 2) array (`commsgd.problems.toy2d_reference`, the
+tests' check of the command), and once on Python floats point by point (the faster of the two for 4
+points of 2 numbers). It checks that all three reach the same points
 (the best objective and the center's, to 1e-9) and times them alternately: the command from its start
 to its exit (torch's import, the simulated world, the plot), the loops in this process. Prints a Markdown
 table, the ratio to the faster loop and the load average.
@@ -25,48 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from commsgd.problems import PAPER_POINTS, toy2d_reference
 
-#: reproduce toy2d's defaults (commsgd/reproduce.py) and the supplement's four starting points
-LR, PULL, BETA, PERIOD = 0.1, 0.1, 0.43, 1
-POINTS = ((-6.0, -4.0), (-15.0, -18.0), (20.0, 11.0), (17.0, 8.0))
-
-
-def value_and_grad(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """sin(pi r) / (pi r) at each row and its gradient (1 and 0 at the origin)."""
-    r = np.sqrt((xy * xy).sum(axis=1))
-    pr = np.pi * np.maximum(r, 1e-300)
-    value = np.where(r > 1e-15, np.sin(pr) / pr, 1.0)
-    slope = np.where(r > 1e-15, (np.cos(pr) * pr - np.sin(pr)) / (pr * np.maximum(r, 1e-300) ** 2), 0.0)
-    return value, slope[:, None] * xy
-
-
-def descend(method: str, points: np.ndarray, steps: int) -> dict[str, float]:
-    """One method from `points`: the best final objective over the workers and the center's."""
-    x = points.copy()
-    workers = len(x)
-    center = x.mean(axis=0)
-    alpha = BETA / workers
-    for step in range(1, steps + 1):
-        value, grad = value_and_grad(x)
-        start = x.copy()  # x_t: the point every pull is measured from
-        x -= LR * grad
-        if step % PERIOD:
-            continue
-        if method == "lgd":
-            leader = int(np.argmin(value))
-            x -= PULL * (start - start[leader])  # the leader's own pull is zero
-        else:
-            diff = start - center
-            x -= alpha * diff
-            center += alpha * diff.sum(axis=0)
-    final = value_and_grad(x)[0]
-    evaluated = x.mean(axis=0) if method == "lgd" else center
-    return {"best": float(final.min()), "center": float(value_and_grad(evaluated[None, :])[0][0])}
+#: reproduce toy2d's defaults (commsgd/reproduce.py: a round every step)
+LR, PULL, BETA = 0.1, 0.1, 0.43
 
 
 def float_value_and_grad(x: float, y: float) -> tuple[float, float, float]:
-    """`value_and_grad` of one point on Python floats."""
+    """sin(pi r) / (pi r) at one point and its gradient, on Python floats (1 and 0 at the origin)."""
     r = math.sqrt(x * x + y * y)
     if r <= 1e-15:
         return 1.0, 0.0, 0.0
@@ -76,12 +43,13 @@ def float_value_and_grad(x: float, y: float) -> tuple[float, float, float]:
 
 
 def descend_floats(method: str, points: list[list[float]], steps: int) -> dict[str, float]:
-    """`descend` on Python floats, worker by worker (faster than numpy for 4 points of 2 numbers)."""
+    """One method from `points` on Python floats, worker by worker (faster than numpy for 4 points of
+    2 numbers): the best final objective over the workers and the center's."""
     x = [list(p) for p in points]
     workers = len(x)
     center = [sum(p[0] for p in x) / workers, sum(p[1] for p in x) / workers]
     alpha = BETA / workers
-    for step in range(1, steps + 1):
+    for _ in range(steps):
         start = [list(p) for p in x]
         values = []
         for p in x:
@@ -89,8 +57,6 @@ def descend_floats(method: str, points: list[list[float]], steps: int) -> dict[s
             values.append(value)
             p[0] -= LR * gx
             p[1] -= LR * gy
-        if step % PERIOD:
-            continue
         if method == "lgd":
             lead = start[values.index(min(values))]
             for p, s in zip(x, start):
@@ -111,12 +77,11 @@ def descend_floats(method: str, points: list[list[float]], steps: int) -> dict[s
 
 
 def numpy_run(steps: int) -> dict[str, dict[str, float]]:
-    points = np.array(POINTS, dtype=np.float64)
-    return {method: descend(method, points, steps) for method in ("lgd", "eagd")}
+    return toy2d_reference(PAPER_POINTS, steps, LR, PULL, BETA)
 
 
 def floats_run(steps: int) -> dict[str, dict[str, float]]:
-    points = [list(p) for p in POINTS]
+    points = [list(p) for p in PAPER_POINTS]
     return {method: descend_floats(method, points, steps) for method in ("lgd", "eagd")}
 
 

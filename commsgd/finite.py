@@ -55,12 +55,23 @@ def _flag_floats(floats: list[torch.Tensor], found: torch.Tensor) -> None:
 SMALL_CHECK = 64
 
 
+def _small_on_cpu(tensors: list[torch.Tensor]) -> bool:
+    """At most `SMALL_CHECK` elements, all on the CPU; stops at the first tensor past it (a model's
+    first weight, usually), so a training step's check pays one or two lookups for it."""
+    count = 0
+    for t in tensors:
+        count += t.numel()
+        if count > SMALL_CHECK or not t.is_cpu:
+            return False
+    return True
+
+
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite, with one sync (see `flag_nonfinite`)."""
     floats = [t for t in tensors if t.is_floating_point()]
     if not floats:
         return True
-    if all(t.is_cpu for t in floats) and sum(t.numel() for t in floats) <= SMALL_CHECK:
+    if _small_on_cpu(floats):
         return all(math.isfinite(v) for t in floats for v in t.reshape(-1).tolist())
     found = torch.zeros((), device=floats[0].device)
     _flag_floats(floats, found)

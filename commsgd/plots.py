@@ -91,9 +91,8 @@ def _horizontal(panel: Panel) -> bool:
     return panel.kind == "bar" and panel.color_bars and len(_categories(panel)) >= HORIZONTAL_BARS_FROM
 
 
-def _draw_bars(ax: Axes, panel: Panel) -> None:
+def _draw_bars(ax: Axes, panel: Panel, horizontal: bool) -> None:
     categories = _categories(panel)
-    horizontal = _horizontal(panel)
     width = 0.8 / max(len(panel.series), 1)
     for i, s in enumerate(panel.series):
         heights = dict(zip(map(str, s.x), s.y))
@@ -143,7 +142,7 @@ def _draw(ax: Axes, panel: Panel, legend: bool = True) -> None:
     if panel.kind in ("step", "bar") and not panel.percent_y:  # ranks and counts: whole numbers
         values_axis.set_major_locator(MaxNLocator(integer=True))
     if panel.kind == "bar":
-        _draw_bars(ax, panel)
+        _draw_bars(ax, panel, horizontal)
     else:
         for i, s in enumerate(panel.series):  # an empty series too: it keeps its colour and legend entry
             color, style = series_style(i)

@@ -93,6 +93,34 @@ def toy2d_value_and_grad(xy: torch.Tensor) -> tuple[float, torch.Tensor]:
     return math.sin(pr) / pr, torch.tensor(grad, dtype=xy.dtype)
 
 
+def toy2d_reference(
+    points: Sequence[tuple[float, float]], steps: int, lr: float = 0.1, pull: float = 0.1, beta: float = 0.43
+) -> dict[str, dict[str, float]]:
+    """LGD (eq. 3, period 1) and EAGD from `points` on numpy arrays, every worker at once: the two
+    methods' math alone, written apart from the algorithms (the tests' check of `reproduce toy2d`, and
+    the plain loop that benchmarks/toy2d_numpy.py times it against). Best and center objective each."""
+
+    def loss(x: numpy.ndarray) -> numpy.ndarray:
+        return numpy.sinc(numpy.hypot(x[..., 0], x[..., 1]))  # numpy's sinc is sin(pi r) / (pi r) too
+
+    def grad(x: numpy.ndarray) -> numpy.ndarray:
+        r = numpy.hypot(x[:, 0], x[:, 1])[:, None]
+        dr = (numpy.cos(numpy.pi * r) * numpy.pi * r - numpy.sin(numpy.pi * r)) / (numpy.pi * r * r)
+        return dr * x / r
+
+    lgd = numpy.array(points, dtype=numpy.float64)
+    eagd, center, alpha = lgd.copy(), lgd.mean(0), beta / len(points)
+    for _ in range(steps):
+        leader = lgd[int(numpy.argmin(loss(lgd)))]
+        lgd = lgd - lr * grad(lgd) - pull * (lgd - leader)
+        diff = eagd - center
+        eagd, center = eagd - lr * grad(eagd) - alpha * diff, center + alpha * diff.sum(0)
+    return {
+        "lgd": {"best": float(loss(lgd).min()), "center": float(loss(lgd.mean(0)))},
+        "eagd": {"best": float(loss(eagd).min()), "center": float(loss(center))},
+    }
+
+
 def matrix_instance(dim: int, rank: int, seed: int, trial: int) -> torch.Tensor:
     """M = U U^T with U (dim x rank) from N(0, 1); the same on every worker for a (seed, trial)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + trial)

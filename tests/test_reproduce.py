@@ -7,12 +7,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 from commsgd.cli import main
-from commsgd.problems import PAPER_POINTS, PlainSGD, matrix_objective, parse_points, toy2d_loss
+from commsgd.problems import (
+    PAPER_POINTS,
+    PlainSGD,
+    matrix_objective,
+    parse_points,
+    toy2d_loss,
+    toy2d_reference,
+)
 
 multiprocess = pytest.mark.multiprocess
 
@@ -22,37 +28,12 @@ def _reproduce(capfd: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
     return dict(json.loads(capfd.readouterr().out.strip().splitlines()[-1]))
 
 
-def reference_toy2d(points: list[tuple[float, float]], steps: int) -> dict[str, dict[str, float]]:
-    """LGD (eq. 3, period 1) and EAGD on all workers at once, with the paper's lr, lambda, beta."""
-    lr, pull, beta = 0.1, 0.1, 0.43
-
-    def loss(x: np.ndarray) -> np.ndarray:
-        return np.sinc(np.hypot(x[..., 0], x[..., 1]))  # numpy's sinc is sin(pi r) / (pi r) too
-
-    def grad(x: np.ndarray) -> np.ndarray:
-        r = np.hypot(x[:, 0], x[:, 1])[:, None]
-        dr = (np.cos(np.pi * r) * np.pi * r - np.sin(np.pi * r)) / (np.pi * r * r)
-        return dr * x / r
-
-    lgd = np.array(points, dtype=np.float64)
-    eagd, center, alpha = lgd.copy(), lgd.mean(0), beta / len(points)
-    for _ in range(steps):
-        leader = lgd[int(np.argmin(loss(lgd)))]
-        lgd = lgd - lr * grad(lgd) - pull * (lgd - leader)
-        diff = eagd - center
-        eagd, center = eagd - lr * grad(eagd) - alpha * diff, center + alpha * diff.sum(0)
-    return {
-        "lgd": {"best": float(loss(lgd).min()), "center": float(loss(lgd.mean(0)))},
-        "eagd": {"best": float(loss(eagd).min()), "center": float(loss(center))},
-    }
-
-
 @multiprocess
 def test_toy2d_reproduces_table1(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     # 200 steps on 4 processes: the values are settled by then; the one-process reference shows that
     # 200 and the default 20000 steps give the same numbers
     got = _reproduce(capfd, "toy2d", "--steps", "200", "--out", str(tmp_path))
-    short, default = reference_toy2d(list(PAPER_POINTS), 200), reference_toy2d(list(PAPER_POINTS), 20000)
+    short, default = toy2d_reference(list(PAPER_POINTS), 200), toy2d_reference(list(PAPER_POINTS), 20000)
     for method in ("lgd", "eagd"):
         for key in ("best", "center"):
             assert got[method][key] == pytest.approx(short[method][key], abs=1e-9)
