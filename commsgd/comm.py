@@ -349,7 +349,8 @@ class Communicator:
         fn()
         if sync_device is not None and sync_device.is_cuda:
             torch.cuda.synchronize(sync_device.device)
-        self._sleep_model(self._delay(link, hops, group.spans_nodes), c)
+        if self.network is not None:
+            self._sleep_model(self._delay(link, hops, group.spans_nodes), c)
         c.comm_s += time.perf_counter() - start
 
     # ------------------------------------------------------------------ collectives

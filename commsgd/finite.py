@@ -72,7 +72,10 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     if not floats:
         return True
     if _small_on_cpu(floats):
-        return all(math.isfinite(v) for t in floats for v in t.reshape(-1).tolist())
+        for t in floats:  # map over host floats: cheaper than a generator, and 1-D needs no reshape
+            if not all(map(math.isfinite, t.tolist() if t.dim() == 1 else t.reshape(-1).tolist())):
+                return False
+        return True
     found = torch.zeros((), device=floats[0].device)
     _flag_floats(floats, found)
     return not bool(found)

@@ -186,7 +186,7 @@ class Trace:
         if self.step <= self.dense or self.step % self.every == 0 or self.step == self.last:
             self.values.append((self.step, value))
             if self.keep_points:
-                self.points.append(x.detach().tolist())
+                self.points.append(x.tolist())
         self.step += 1
 
 

@@ -228,8 +228,9 @@ class SimTransport:
             self._async[0].execute()
 
     def _meet(self, pg: SimGroup | None, call: _Call) -> Any:
-        self._flush()
-        return self._group(pg).rendezvous.meet(self.rank, call)
+        if self._async:
+            self._flush()
+        return (self.world.everyone if pg is None else pg).rendezvous.meet(self.rank, call)
 
     def sleep(self, seconds: float) -> None:
         self.world.sleep(seconds)

@@ -17,11 +17,12 @@ SCALES = [1, 10]
 
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_one_bad_element_anywhere_is_caught(bad: float, scale: int) -> None:
-    tensors = [torch.randn(5 * scale, 3), torch.randn(7 * scale), torch.randn(2, 2 * scale)]
+@pytest.mark.parametrize("where", [0, 1, 3], ids=["2-d", "1-d", "0-d"])
+def test_one_bad_element_anywhere_is_caught(bad: float, scale: int, where: int) -> None:
+    tensors = [torch.randn(5 * scale, 3), torch.randn(7 * scale), torch.randn(2, 2 * scale), torch.randn(())]
     assert (sum(t.numel() for t in tensors) <= SMALL_CHECK) == (scale == 1)
     assert all_finite(tensors)
-    tensors[1][4] = bad
+    tensors[where].view(-1)[-1] = bad
     assert not all_finite(tensors)
 
 

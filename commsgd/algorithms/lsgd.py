@@ -39,6 +39,7 @@ from commsgd.algorithms.base import register
 from commsgd.algorithms.pull import Buffers, RoundAlgorithm, average_of_workers, swapped_in
 from commsgd.config import bounded
 from commsgd.errors import ConfigError, say
+from commsgd.flat import host_floats
 
 if TYPE_CHECKING:
     from commsgd.comm import CommGroup
@@ -168,7 +169,7 @@ class LSGD(RoundAlgorithm):
         # one scalar all-gather: over all workers if any active level spans them, else over the node
         widest = max(active, key=lambda lv: lv.group.size).group
         payload = [self.window.estimate()] + ([float(ready)] if self.clock is not None else [])
-        table = ctx.comm.all_gather(torch.tensor(payload, dtype=torch.float64), widest)
+        table = ctx.comm.all_gather(host_floats(payload), widest)
         column = [row[0] for row in table.tolist()]  # on host floats: cheaper than a column view
         for level in active:
             estimates = [column[widest.index(r)] for r in level.group.ranks]

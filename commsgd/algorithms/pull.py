@@ -35,19 +35,28 @@ class Buffers(list[torch.Tensor]):
     itself on a small model. The views live as long as the list (no cache outlives its buffers); they
     are made again when a buffer in the list is replaced or moved to other memory."""
 
-    _made: list[tuple[FlatBuffer, torch.Tensor, list[torch.Tensor]]]
+    _made: list[tuple[FlatBuffer, torch.Tensor, int]]
+    _views: list[list[torch.Tensor]]
 
     def views(self, flats: Sequence[FlatBuffer]) -> list[list[torch.Tensor]]:
         """For each flat, its buffer's slices shaped like the flat's tensors."""
         if len(flats) != len(self):
             raise ValueError(f"Buffers: {len(self)} buffers for a state of {len(flats)} flat buffers")
+        if not self._still_made(flats):
+            self._views = [f.views(b) for f, b in zip(flats, self)]
+            self._made = [(f, b, b.data_ptr()) for f, b in zip(flats, self)]
+        return self._views
+
+    def _still_made(self, flats: Sequence[FlatBuffer]) -> bool:
+        """Whether the views made last are of these flats and these buffers, at the same memory (a plain
+        loop: every round of a small model asks, and a generator costs more than the check)."""
         made = getattr(self, "_made", None)
-        if made is None or not all(
-            f is mf and b is mb and views[0].data_ptr() == b.data_ptr()
-            for f, b, (mf, mb, views) in zip(flats, self, made)
-        ):
-            made = self._made = [(f, b, f.views(b)) for f, b in zip(flats, self)]
-        return [views for _, _, views in made]
+        if made is None:
+            return False
+        for f, b, (mf, mb, ptr) in zip(flats, self, made):
+            if f is not mf or b is not mb or b.data_ptr() != ptr:
+                return False
+        return True
 
 
 class ModelState:
