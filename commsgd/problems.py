@@ -100,7 +100,7 @@ def toy2d_reference(
 ) -> dict[str, dict[str, float]]:
     """LGD (eq. 3, period 1) and EAGD from `points` on numpy arrays, every worker at once: the two
     methods' math alone, written apart from the algorithms (the tests' check of `reproduce toy2d`, and
-    the plain loop that benchmarks/toy2d_numpy.py times it against). Best and center objective each."""
+    the plain loop that benchmarks/reproduce_numpy.py times it against). Best and center objective each."""
 
     def loss(x: numpy.ndarray) -> numpy.ndarray:
         return numpy.sinc(numpy.hypot(x[..., 0], x[..., 1]))  # numpy's sinc is sin(pi r) / (pi r) too
@@ -153,6 +153,45 @@ def matrix_value_and_grad(
     residual = x @ x.T - m if work is None else torch.mm(x, x.T, out=work).sub_(m)
     flat = residual.reshape(-1)
     return 0.25 * torch.dot(flat, flat), residual @ x
+
+
+def matrix_reference(
+    instances: Sequence[numpy.ndarray],
+    starts: Sequence[Sequence[numpy.ndarray]],
+    steps: int,
+    lr: float,
+    pull: float,
+) -> dict[str, list[list[float]]]:
+    """LGD (eq. 3, period 1) and EAGD (alpha = `pull`, beta = workers x pull) on matrix completion in numpy,
+    worker by worker: the two methods' math alone, written apart from the algorithms (the tests' check of
+    `reproduce matrix-completion`, and the plain loop benchmarks/reproduce_numpy.py times it against). Per
+    method and instance (`starts[i]`: every worker's X_0 for `instances[i]`), the best objective over the
+    workers at steps 0..steps, as the command's `curve`."""
+
+    def value_and_grad(x: numpy.ndarray, m: numpy.ndarray) -> tuple[float, numpy.ndarray]:
+        residual = x @ x.T - m
+        return 0.25 * float(numpy.vdot(residual, residual)), residual @ x
+
+    curves: dict[str, list[list[float]]] = {"lgd": [], "eagd": []}
+    for m, start in zip(instances, starts):
+        for method in curves:
+            x = [s.copy() for s in start]
+            center = sum(x) / len(x)
+            best: list[float] = []
+            for step in range(steps + 1):
+                values, grads = zip(*(value_and_grad(xi, m) for xi in x))
+                best.append(min(values))
+                if step == steps:
+                    break
+                if method == "lgd":
+                    leader = x[int(numpy.argmin(values))]
+                    x = [xi - lr * g - pull * (xi - leader) for xi, g in zip(x, grads)]
+                else:
+                    diffs = [xi - center for xi in x]
+                    x = [xi - lr * g - pull * d for xi, g, d in zip(x, grads, diffs)]
+                    center = center + pull * sum(diffs)
+            curves[method].append(best)
+    return curves
 
 
 def parse_points(text: str) -> list[tuple[float, float]]:
