@@ -32,6 +32,8 @@ def test_select_leader_skips_non_finite_and_breaks_ties_low() -> None:
     assert select_leader([3.0, 1.0, 1.0, 2.0]) == 1
     assert select_leader([math.nan, 5.0, math.inf, 7.0]) == 1
     assert select_leader([math.nan, -math.inf, math.inf]) is None
+    assert select_leader([-math.inf, 2.0, math.nan, 2.0]) == 1
+    assert select_leader([]) is None
     assert select_leader([-0.5, -0.2]) == 0
     assert select_leader([0.0, -0.0]) == 0  # equal values: the lowest index, as torch.argmin
     assert select_leader([]) is None
