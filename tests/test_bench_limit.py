@@ -137,6 +137,50 @@ def test_rows_compare_with_all_reduce_and_the_goals_name_what_misses_them(tmp_pa
     assert "goal <= 1.1" in lines[1]
 
 
+def test_repeats_keep_each_algorithms_median_run_and_the_range_of_all(tmp_path: Path) -> None:
+    env = BenchEnv(tmp_path, quick=True)
+    model, link = limit.Model("m", 32, 1, 2), limit.Link(1.0, 0.0)
+
+    def series(allreduce_s: float, topk_s: float) -> dict[str, Run | None]:
+        """One repeat: references of 0.1 s a step, all-reduce SGD and topk at the given seconds a step."""
+        reference = _run({0: [(1, 0.0, 0, 0), (3, 0.2, 0, 0)]})
+        return {
+            limit.COMPUTE: reference,
+            "allreduce": _run({0: [(1, 0.0, 0, 0), (3, 2 * allreduce_s, 0, 2)]}),
+            limit.reference_after("allreduce", False): reference,
+            "topk": _run({0: [(1, 0.0, 0, 0), (3, 2 * topk_s, 0, 2)]}),
+            limit.COMPUTE_AFTER: reference,
+        }
+
+    repeats = [(0.3, 0.12), (0.2, 0.15), (0.4, 0.11)]  # the medians come from different repeats
+    per_repeat = [limit.rows_for(env, model, 1.0, series(*r), link, k) for k, r in enumerate(repeats, 1)]
+    rows = {r.algorithm: r for r in limit.median_rows(per_repeat)}
+    assert rows["allreduce"].pace.step_s == pytest.approx(0.3)  # its middle of 0.2, 0.3, 0.4
+    assert rows["topk"].pace.step_s == pytest.approx(0.12)  # its middle of 0.11, 0.12, 0.15
+    assert rows["topk"].x_allreduce == pytest.approx(0.4)  # against the all-reduce of its own repeat
+    cells = rows["topk"].cells()
+    assert cells[2] == "120 (110-150)" and cells[9] == "1.20 (1.10-1.50)"
+    data = rows["allreduce"].data()
+    assert data["repeat_step_s"] == pytest.approx([0.2, 0.3, 0.4])
+    assert data["repeat_step_to_bound"] == pytest.approx([2.0, 3.0, 4.0])
+    # one repeat: its rows, no ranges
+    single = limit.median_rows(per_repeat[:1])
+    assert single == per_repeat[0] and single[0].cells()[2] == "300"
+
+
+def test_a_repeats_runs_carry_its_number(tmp_path: Path) -> None:
+    env = BenchEnv(tmp_path, quick=False, data_dir="/data/cifar")
+    model = limit.FULL_MODELS["resnet20"]
+    first = [job.name for _, job in limit.jobs_for(env, model, 0.1, ["allreduce"], tau=4)]
+    second = [job.name for _, job in limit.jobs_for(env, model, 0.1, ["allreduce"], tau=4, repeat=2)]
+    assert first == [
+        "resnet20-0.1gbps-compute-only",
+        "resnet20-0.1gbps-allreduce",
+        "resnet20-0.1gbps-compute-only-after",
+    ]
+    assert second == [f"{name}-r2" for name in first]
+
+
 def test_without_the_compute_only_run_there_are_no_rows_and_a_note(tmp_path: Path) -> None:
     env = BenchEnv(tmp_path, quick=True)
     rows = limit.rows_for(env, limit.Model("m", 32, 1, 2), 1.0, {limit.COMPUTE: None}, limit.Link(1, 0))
@@ -187,6 +231,7 @@ def test_reuse_reads_older_runs_without_the_references_between_algorithms(tmp_pa
         ([], "needs --data-dir"),
         (["--quick", "--algorithms", "nope"], "nope not compared here"),
         (["--quick", "--tau", "0"], "--tau must be at least 1"),
+        (["--quick", "--repeats", "0"], "--repeats must be at least 1, got 0"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(

@@ -32,11 +32,16 @@ after backward), on VGG16 DDP's 25 MB (60 MB in 3 buckets; smaller ones measured
 
 Periodic methods (local SGD, EASGD, LSGD) average every `--tau` steps, so their step is the mean over
 rounds and the steps between them.
+
+`--repeats R` runs the whole series (references and algorithms) R times in turn on the same emulated
+cluster; each row is then the repeat with the median step / bound, with the range of the R steps and
+of the R ratios beside it (this machine's speed drifts by more between minutes than one run can tell).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -120,18 +125,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--algorithms", nargs="+", metavar="ALGO", help="a subset of the compared algorithms (default all)"
     )
     parser.add_argument("--tau", type=int, default=4, help="period of local SGD, EASGD and LSGD (4)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run the whole series R times: median and range per cell (1)"
+    )
     add_reuse_argument(parser)
 
 
-def run_name(model: str, gbps: float, label: str) -> str:
-    return f"{model}-{gbps:g}gbps-{label}"
+def run_name(model: str, gbps: float, label: str, repeat: int = 1) -> str:
+    """A run's folder name; repeats after the first carry their number (the first keeps the plain name,
+    so a series made before `--repeats` is still its first repeat)."""
+    return f"{model}-{gbps:g}gbps-{label}" + (f"-r{repeat}" if repeat > 1 else "")
 
 
 def jobs_for(
-    env: BenchEnv, model: Model, gbps: float, algorithms: Sequence[str], tau: int
+    env: BenchEnv, model: Model, gbps: float, algorithms: Sequence[str], tau: int, repeat: int = 1
 ) -> list[tuple[str, Job]]:
     """(label, job) of every compared algorithm at one link rate, in the order they run, with a
-    compute-only reference before the first and after each one."""
+    compute-only reference before the first and after each one (`repeat`: which pass of the series)."""
     steps = model.warmup + model.timed
     if env.quick:
         task = ["model=mlp", "data.dataset=digits"]
@@ -150,7 +160,11 @@ def jobs_for(
 
     def reference(label: str) -> tuple[str, Job]:
         return label, Job(
-            run_name(model.name, gbps, label), "local_sgd", NODES, steps, [*base, f"algo.tau={NO_ROUND}"]
+            run_name(model.name, gbps, label, repeat),
+            "local_sgd",
+            NODES,
+            steps,
+            [*base, f"algo.tau={NO_ROUND}"],
         )
 
     out = [reference(COMPUTE)]
@@ -158,7 +172,8 @@ def jobs_for(
         extra = [f"algo.tau={tau}"] if "tau" in params.get(algo, ()) else []
         if algo == "allreduce":
             extra.append(f"algo.bucket_mb={model.bucket_mb:g}")
-        out.append((algo, Job(run_name(model.name, gbps, algo), algo, NODES, steps, [*base, *extra])))
+        name = run_name(model.name, gbps, algo, repeat)
+        out.append((algo, Job(name, algo, NODES, steps, [*base, *extra])))
         out.append(reference(reference_after(algo, last=k == len(algorithms) - 1)))
     return out
 
@@ -242,6 +257,9 @@ class Row:
     reference: Pace  # the faster of the compute-only runs next to this one
     link: Link
     allreduce_s: float | None
+    #: with `--repeats`: every repeat's step seconds and step / bound (this row is the median one)
+    repeat_steps: tuple[float, ...] = ()
+    repeat_bounds: tuple[float, ...] = ()
 
     @property
     def compute_s(self) -> float:
@@ -268,17 +286,21 @@ class Row:
 
     def cells(self) -> list[str]:
         x = self.x_allreduce
+        step, to_bound = f"{self.pace.step_s * 1e3:.0f}", f"{self.to_bound:.2f}"
+        if len(self.repeat_steps) > 1:
+            step += f" ({min(self.repeat_steps) * 1e3:.0f}-{max(self.repeat_steps) * 1e3:.0f})"
+            to_bound += f" ({min(self.repeat_bounds):.2f}-{max(self.repeat_bounds):.2f})"
         return [
             f"{self.gbps:g} Gbit/s",
             self.algorithm,
-            f"{self.pace.step_s * 1e3:.0f}",
+            step,
             f"{self.reference.step_s * 1e3:.0f}",
             f"{self.reference.lockstep_s * 1e3:.0f}",
             human_bytes(self.pace.bytes_sent),
             human_bytes(self.pace.link_bytes),
             f"{self.pace.collectives:.1f}",
             f"{self.bound_s * 1e3:.0f}",
-            f"{self.to_bound:.2f}",
+            to_bound,
             f"{self.to_overlap_bound:.2f}",
             "—" if x is None else f"{x:.2f}",
         ]
@@ -301,7 +323,26 @@ class Row:
             "x_allreduce": self.x_allreduce,
             "link_gbps": self.link.gbps,
             "link_latency_s": self.link.latency_s,
+            "repeat_step_s": list(self.repeat_steps),
+            "repeat_step_to_bound": list(self.repeat_bounds),
         }
+
+
+def median_rows(repeats: Sequence[Sequence[Row]]) -> list[Row]:
+    """One row per algorithm from the rows of every repeat: the repeat whose step / bound is the median
+    (the lower middle for an even count; every cell of a row stays from one run), with every repeat's
+    step and step / bound kept for the ranges. One repeat: its rows as they are."""
+    if len(repeats) == 1:
+        return list(repeats[0])
+    out = []
+    for algorithm in dict.fromkeys(r.algorithm for rows in repeats for r in rows):
+        these = sorted(
+            (r for rows in repeats for r in rows if r.algorithm == algorithm), key=lambda r: r.to_bound
+        )
+        middle = these[(len(these) - 1) // 2]
+        steps, bounds = tuple(r.pace.step_s for r in these), tuple(r.to_bound for r in these)
+        out.append(dataclasses.replace(middle, repeat_steps=steps, repeat_bounds=bounds))
+    return out
 
 
 HEADERS = [
@@ -327,17 +368,16 @@ def _link_file(env: BenchEnv, model: str, gbps: float) -> Path:
     return env.runs_dir("limit") / f"link-{model}-{gbps:g}gbps.json"
 
 
-def _train(
-    env: BenchEnv, model: Model, gbps: float, jobs: Sequence[tuple[str, Job]]
-) -> dict[str, Run | None]:
-    """Every job of one rate on one emulated cluster; the link's measurement saved next to the runs."""
+def _train(env: BenchEnv, model: Model, gbps: float, jobs: Sequence[Job]) -> dict[str, Run | None]:
+    """Every job of one rate on one emulated cluster, by run name; the link's measurement saved next to
+    the runs."""
     runs: dict[str, Run | None] = {}
     with bench_cluster(env, "limit", NODES, 1, gbps) as c:
         measured: dict[str, Any] = {**c.measure_link(), "all_reduce_s": c.collective_latency()}
         env.runs_dir("limit").mkdir(parents=True, exist_ok=True)
         write_json_atomic(_link_file(env, model.name, gbps), {"nominal_gbps": gbps, **measured})
-        for label, job in jobs:
-            runs[label] = train_on(c, env, "limit", job).run
+        for job in jobs:
+            runs[job.name] = train_on(c, env, "limit", job).run
     return runs
 
 
@@ -374,17 +414,20 @@ def neighbours(labels: Sequence[str], index: int, paces: dict[str, Pace | None])
     return before[:1] + after[:1]
 
 
-def rows_for(env: BenchEnv, model: Model, gbps: float, runs: dict[str, Run | None], link: Link) -> list[Row]:
+def rows_for(
+    env: BenchEnv, model: Model, gbps: float, runs: dict[str, Run | None], link: Link, repeat: int = 1
+) -> list[Row]:
     """One row per finished algorithm run; `runs` in the order they ran (`jobs_for`)."""
+    where = f"{model.name} at {gbps:g} Gbit/s" + (f", repeat {repeat}" if repeat > 1 else "")
     labels = list(runs)
     paces = {label: pace(r, model.warmup) if r is not None else None for label, r in runs.items()}
     references = [p for label, p in paces.items() if is_reference(label) and p is not None]
     if not references:
-        env.note(f"limit: {model.name} at {gbps:g} Gbit/s: no compute-only run finished; no rows")
+        env.note(f"limit: {where}: no compute-only run finished; no rows")
         return []
     steps = sorted(1e3 * p.step_s for p in references)
     env.note(
-        f"limit: {model.name} at {gbps:g} Gbit/s: compute-only step {steps[0]:.0f}"
+        f"limit: {where}: compute-only step {steps[0]:.0f}"
         + (f"-{steps[-1]:.0f}" if len(steps) > 1 else "")
         + f" ms over {len(steps)} run(s) between the algorithms; each algorithm's bound uses the faster "
         "of the two next to it"
@@ -396,14 +439,14 @@ def rows_for(env: BenchEnv, model: Model, gbps: float, runs: dict[str, Run | Non
             continue
         p = paces[label]
         if p is None:
-            env.note(f"limit: {run_name(model.name, gbps, label)}: too few steps in its metrics")
+            env.note(f"limit: {run_name(model.name, gbps, label, repeat)}: too few steps in its metrics")
             continue
         near = neighbours(labels, index, paces) or references
         reference = min(near, key=lambda q: q.step_s)
         drift = max(q.step_s for q in near) / reference.step_s - 1
         if drift > DRIFT:
             env.note(
-                f"limit: {model.name} at {gbps:g} Gbit/s: the compute-only step changed by "
+                f"limit: {where}: the compute-only step changed by "
                 f"{100 * drift:.0f} % across {label}'s run, so its ratios carry about that much uncertainty"
             )
         rows.append(Row(model.name, gbps, label, p, reference, link, allreduce.step_s if allreduce else None))
@@ -443,6 +486,9 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         )
     if args.tau < 1 or not args.gbps or min(args.gbps) <= 0:
         raise ConfigError("bench limit: --tau must be at least 1 and --gbps positive")
+    repeats = getattr(args, "repeats", 1)
+    if repeats < 1:
+        raise ConfigError(f"bench limit: --repeats must be at least 1, got {repeats}")
     names = [a for a, _ in ALGORITHMS]
     unknown = sorted(set(args.algorithms or []) - set(names))
     if unknown:
@@ -456,20 +502,24 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     rows: list[Row] = []
     for model in models:
         for gbps in rates:
-            jobs = jobs_for(env, model, gbps, algorithms, args.tau)
+            series = [jobs_for(env, model, gbps, algorithms, args.tau, k) for k in range(1, repeats + 1)]
             if args.reuse:
-                jobs = reusable(env, jobs)
-                found = reuse_runs(env, "limit", [j for _, j in jobs])
-                runs = {label: found.get(job.name) for label, job in jobs}
+                series = [reusable(env, jobs) for jobs in series]
+                found = reuse_runs(env, "limit", [j for jobs in series for _, j in jobs])
             else:
                 try:
-                    runs = _train(env, model, gbps, jobs)
+                    found = _train(env, model, gbps, [j for jobs in series for _, j in jobs])
                 except ClusterUnavailable as exc:  # in `bench all`, a note; alone, the one-line error
                     if not getattr(args, "in_suite", False):
                         raise
                     write_result(env, "limit", TITLE, f"Not available on this machine: {exc}", {"rows": []})
                     return f"not available: {exc}"
-            rows.extend(rows_for(env, model, gbps, runs, _link(env, model.name, gbps)))
+            link = _link(env, model.name, gbps)
+            per_repeat = [
+                rows_for(env, model, gbps, {label: found.get(job.name) for label, job in jobs}, link, k)
+                for k, jobs in enumerate(series, start=1)
+            ]
+            rows.extend(median_rows([r for r in per_repeat if r]) if any(per_repeat) else [])
     if not rows:
         write_result(env, "limit", TITLE, "No run finished; see the notes.", {"rows": []})
         return "no run finished"
@@ -477,7 +527,14 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
         f"{NODES} nodes x 1 worker, one emulated node per core, tbf-shaped links. Steps after the warm-up "
         "(the slower worker): "
         + "; ".join(f"{m.name} batch {m.batch}, {m.warmup} warm-up + {m.timed} timed steps" for m in models)
-        + f". Local SGD, EASGD and LSGD average every {args.tau} steps. Links as measured (rate: one TCP "
+        + f". Local SGD, EASGD and LSGD average every {args.tau} steps. "
+        + (
+            f"The series ran {repeats} times in turn: each row is the repeat with the median step / bound, "
+            "the range of the repeats' steps and ratios in brackets. "
+            if repeats > 1
+            else ""
+        )
+        + "Links as measured (rate: one TCP "
         "stream; latency: the median one-float all-reduce through commsgd): "
         + "; ".join(
             sorted(
@@ -499,4 +556,5 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
     write_result(env, "limit", TITLE, "\n".join(body), {"rows": [r.data() for r in rows]}, seconds)
     worst = max(rows, key=lambda r: r.to_bound)
     where = f"{worst.algorithm}, {worst.model}, {worst.gbps:g} Gbit/s"
-    return f"{len(rows)} runs; step / bound up to {worst.to_bound:.2f} ({where})"
+    count = f"{len(rows)} runs" if repeats == 1 else f"{len(rows)} rows of {repeats} repeats each"
+    return f"{count}; step / bound up to {worst.to_bound:.2f} ({where})"
