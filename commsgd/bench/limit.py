@@ -331,15 +331,13 @@ class Row:
 def median_rows(repeats: Sequence[Sequence[Row]]) -> list[Row]:
     """One row per algorithm from the rows of every repeat: the repeat whose step / bound is the median
     (the lower middle for an even count; every cell of a row stays from one run), with every repeat's
-    step and step / bound kept for the ranges. One repeat: its rows as they are."""
+    step and step / bound kept for the ranges, in repeat order. One repeat: its rows as they are."""
     if len(repeats) == 1:
         return list(repeats[0])
     out = []
     for algorithm in dict.fromkeys(r.algorithm for rows in repeats for r in rows):
-        these = sorted(
-            (r for rows in repeats for r in rows if r.algorithm == algorithm), key=lambda r: r.to_bound
-        )
-        middle = these[(len(these) - 1) // 2]
+        these = [r for rows in repeats for r in rows if r.algorithm == algorithm]  # in repeat order
+        middle = sorted(these, key=lambda r: r.to_bound)[(len(these) - 1) // 2]
         steps, bounds = tuple(r.pace.step_s for r in these), tuple(r.to_bound for r in these)
         out.append(dataclasses.replace(middle, repeat_steps=steps, repeat_bounds=bounds))
     return out
