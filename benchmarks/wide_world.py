@@ -5,8 +5,9 @@
 Every worker i minimises its own quadratic f_i(x) = 1/2 ||x - b_i||^2 (x in R^16, b_i from N(0, I),
 seed 0: data that differ between workers); the job's objective is their mean, whose minimum x* is the
 mean of the b_i. Each method is the commsgd algorithm itself, stepped by `CommOptimizer` with plain SGD
-(lr 0.1) on the exact gradient, its workers in one process (`commsgd.simworld`, coroutines: the same
-Communicator and byte counts as a real job). After the steps, per method and width:
+(lr 0.1) on the exact gradient (`commsgd.reproduce.descend`, as for the paper's problems), its workers in
+one process (`commsgd.simworld`, coroutines: the same Communicator and byte counts as a real job).
+After the steps, per method and width:
 
 - gap: the mean over workers of 1/2 ||x_i - x*||^2, x_i the model the worker would evaluate
   (`evaluated_parameters`: EASGD's and LSGD's center, D-PSGD's average, the others' own model);
@@ -24,15 +25,13 @@ import json
 import os
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from commsgd.algorithms import build_algorithm
-from commsgd.api import CommOptimizer
-from commsgd.problems import PlainSGD, Point
+from commsgd.reproduce import descend
 from commsgd.simworld import SimulatedWorld
 
 DIM, LR, SEED = 16, 0.1, 0
@@ -59,30 +58,26 @@ def worker(s: dict[str, Any]) -> dict[str, Any]:
     import commsgd
 
     ctx = commsgd.init()
-    b = targets(ctx.world_size)[ctx.rank]
-    model = Point(torch.zeros(DIM, dtype=torch.float64))
+    b = s["targets"][ctx.rank]
+
+    def objective(x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        grad = x - b
+        return 0.5 * float(grad.dot(grad)), grad
+
     algo = build_algorithm(s["algorithm"], **s["params"])
-    sgd = PlainSGD(model.parameters(), lr=LR)
-    opt = CommOptimizer(typing.cast(torch.optim.Optimizer, sgd), algo, model, ctx)
-    x = model.x
-    with torch.no_grad():
-        for step in range(1, s["steps"] + 1):
-            grad = x - b
-            x.grad = grad
-            opt.step(0.5 * float(grad.dot(grad)), step=step)
-        own = x.detach().clone()
-        with algo.evaluated_parameters():
-            evaluated = model.x.detach().clone()
+    start = torch.zeros(DIM, dtype=torch.float64)
+    out = descend(ctx, algo, start, objective, LR, s["steps"], lambda x, value: None, "step")
     sent = ctx.comm.meter.totals().bytes_sent
-    return {"evaluated": evaluated.tolist(), "own": own.tolist(), "bytes_per_step": sent / s["steps"]}
+    return {"evaluated": out["center_x"], "own": out["final_x"], "bytes_per_step": sent / s["steps"]}
 
 
 def measure(label: str, algorithm: str, params: dict[str, Any], workers: int, steps: int) -> dict[str, Any]:
-    s = {"algorithm": algorithm, "params": params, "steps": steps}
+    b = targets(workers)
+    s = {"algorithm": algorithm, "params": params, "steps": steps, "targets": b}
     start = time.perf_counter()
     out = SimulatedWorld(workers, timeout_s=600.0, scheduler="greenlet").run(worker, s)
     seconds = time.perf_counter() - start
-    optimum = targets(workers).mean(0)
+    optimum = b.mean(0)
     evaluated = torch.tensor([w["evaluated"] for w in out], dtype=torch.float64)
     own = torch.tensor([w["own"] for w in out], dtype=torch.float64)
     return {

@@ -190,6 +190,52 @@ class Trace:
         self.step += 1
 
 
+def descend(
+    ctx: Any,
+    algo: Any,
+    start: torch.Tensor,
+    objective: Callable[[torch.Tensor], tuple[float | torch.Tensor, torch.Tensor]],
+    lr: float,
+    steps: int,
+    record: Callable[[torch.Tensor, float], None],
+    label: str,
+) -> dict[str, Any]:
+    """Run one algorithm from `start` with exact gradients, recording each point and its objective.
+
+    `objective(x)` gives the value and its gradient (closed form: no autograd graph for a small point);
+    the gradient goes into `.grad` and `CommOptimizer.step(value)` runs the algorithm as in training,
+    with plain SGD at `lr`. The final point and objective, and the model the algorithm evaluates (its
+    center) with its objective; `label` names the progress line's field."""
+    from commsgd.api import CommOptimizer
+    from commsgd.problems import PlainSGD, Point
+    from commsgd.simworld import report_progress
+
+    model = Point(start)
+    sgd = PlainSGD(model.parameters(), lr=lr)  # torch.optim.SGD's result without its per-step hooks
+    opt = CommOptimizer(typing.cast(torch.optim.Optimizer, sgd), algo, model, ctx)
+
+    every = max(1, steps // 100)
+    x = model.x  # the one parameter (the algorithms move its values, never replace it)
+    with torch.no_grad():  # closed-form gradients: nothing here records an autograd graph
+        for step in range(1, steps + 1):
+            value, x.grad = objective(x)
+            record(x, float(value))
+            opt.step(value, step=step)
+            if step % every == 0:
+                report_progress(**{label: f"{100 * step // steps:3d}%"})
+        final = model.x.detach().clone()
+        final_value = float(objective(final)[0])
+        record(final, final_value)
+        with algo.evaluated_parameters():
+            center = model.x.detach().clone()
+    return {
+        "final": final_value,
+        "final_x": final.tolist(),
+        "center": float(objective(center)[0]),
+        "center_x": center.tolist(),
+    }
+
+
 def _descend(
     ctx: Any,
     method: str,
@@ -199,34 +245,9 @@ def _descend(
     beta: float,
     record: Trace,
 ) -> dict[str, Any]:
-    """Run one method from `start` with exact gradients, recording each point and its objective.
-
-    `objective(x)` gives the value and its gradient (closed form: no autograd graph for a 2-D point);
-    the gradient goes into `.grad` and `CommOptimizer.step(value)` runs the algorithm as in training."""
-    from commsgd.api import CommOptimizer
-    from commsgd.problems import PlainSGD, Point
-    from commsgd.simworld import report_progress
-
-    model = Point(start)
+    """LGD or EAGD (`method`) from `start` with the problem's settings `s` (see `descend`)."""
     algo = _algorithm(method, s["pull"], beta, s["period"])
-    sgd = PlainSGD(model.parameters(), lr=s["lr"])  # torch.optim.SGD's result without its per-step hooks
-    opt = CommOptimizer(typing.cast(torch.optim.Optimizer, sgd), algo, model, ctx)
-
-    every = max(1, s["steps"] // 100)
-    x = model.x  # the one parameter (the algorithms move its values, never replace it)
-    with torch.no_grad():  # closed-form gradients: nothing here records an autograd graph
-        for step in range(1, s["steps"] + 1):
-            value, x.grad = objective(x)
-            record(x, float(value))
-            opt.step(value, step=step)
-            if step % every == 0:
-                report_progress(**{method.upper(): f"{100 * step // s['steps']:3d}%"})
-        final = model.x.detach().clone()
-        final_value = float(objective(final)[0])
-        record(final, final_value)
-        with algo.evaluated_parameters():
-            center = model.x.detach().clone()
-    return {"final": final_value, "center": float(objective(center)[0]), "center_x": center.tolist()}
+    return descend(ctx, algo, start, objective, s["lr"], s["steps"], record, method.upper())
 
 
 def _toy2d_worker(s: dict[str, Any]) -> dict[str, Any]:

@@ -176,7 +176,7 @@ class LSGD(RoundAlgorithm):
         table = ctx.comm.all_gather(host_floats(payload), widest)
         column = table.view(-1).tolist()[:: len(payload)]  # on host floats: cheaper than a column view
         for level in active:
-            same = level.group.ranks == widest.ranks
+            same = level.group is widest  # the column as it is; else each member's entry
             estimates = column if same else [column[widest.index(r)] for r in level.group.ranks]
             index = select_leader(estimates)
             if index is None:
