@@ -36,8 +36,9 @@ import torch
 from commsgd.algorithms.base import Algorithm, MiniBatch, NextBatch
 from commsgd.config import ClusterConfig, NetworkConfig
 from commsgd.context import WorkerContext, create_context
-from commsgd.errors import say
+from commsgd.errors import ConfigError, say
 from commsgd.finite import all_finite
+from commsgd.optim import FP16_IN_BACKWARD
 from commsgd.precision import AgreedScaler
 
 
@@ -159,6 +160,8 @@ class CommOptimizer:
             raise ValueError(f"nonfinite: must be one of {', '.join(NONFINITE_POLICIES)}; got {nonfinite!r}")
         if max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be >= 1, got {max_bad_steps}")
+        if scaler is not None and algorithm.compresses_in_backward:
+            raise ConfigError(FP16_IN_BACKWARD.format(name=algorithm.name))
         self.optimizer, self.algorithm, self.model, self.ctx = optimizer, algorithm, model, ctx
         self.nonfinite, self.max_bad_steps = nonfinite, max_bad_steps
         self.bad_in_a_row = 0

@@ -107,6 +107,11 @@ class HookState:
         self.name, self.ctx = name, ctx
         self.algorithm, fixed = HOOKS[name]
         self.params = validate_params(self.algorithm, {**params, **fixed}) if name != "allreduce" else {}
+        if self.params.get("overlap"):
+            raise ConfigError(
+                f"ddp_hook({name!r}): overlap is DDP's own here (its buckets arrive as backward makes them); "
+                "leave overlap unset"
+            )
         self.groups: dict[tuple[int, ...], _Group] = {}
         self._numbers: dict[int, int] = {}  # id(parameter) -> its number
         self._loaded: dict[tuple[int, ...], dict[str, Any]] = {}

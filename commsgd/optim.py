@@ -43,6 +43,13 @@ def uses_job_clock(optim: OptimConfig) -> bool:
     return optim.schedule == "step" and bool(optim.drop_seconds)
 
 
+#: why fp16 precision and compression during backward do not go together
+FP16_IN_BACKWARD = (
+    "precision: fp16 scales the loss, and {name} with algo.overlap compresses gradients during backward, "
+    "before the scale is taken out; use precision bf16 or fp32, or algo.overlap=false"
+)
+
+
 def check_training_options(cfg: Config, algo: Algorithm) -> None:
     """Refuse, in one line, optimizer, clipping, accumulation and precision settings `algo` cannot run.
 
@@ -58,6 +65,8 @@ def check_training_options(cfg: Config, algo: Algorithm) -> None:
             f"optim.accumulate: {algo.name} draws its own mini-batches (as many as its deadline allows); "
             "use accumulate=1"
         )
+    if cfg.precision == "fp16" and algo.compresses_in_backward:
+        raise ConfigError(FP16_IN_BACKWARD.format(name=algo.name))
     if cfg.precision == "fp16" and (cfg.cluster.device == "cpu" or not torch.cuda.is_available()):
         _check_fp16_on_cpu()
 

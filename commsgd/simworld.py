@@ -217,6 +217,7 @@ class SimTransport:
         self._groups = 0  # new_group calls so far: the i-th call of every rank names the same group
         self._async: deque[_Deferred] = deque()  # asynchronous collectives not yet run, in posting order
         self._recvs: deque[_Deferred] = deque()  # receives posted, not yet matched (in posting order)
+        self._running = False  # an asynchronous collective is meeting its peers now
 
     def _group(self, pg: SimGroup | None) -> SimGroup:
         return self.world.everyone if pg is None else pg
@@ -228,7 +229,7 @@ class SimTransport:
             self._async[0].execute()
 
     def _meet(self, pg: SimGroup | None, call: _Call) -> Any:
-        if self._async:
+        if self._async and not self._running:
             self._flush()
         return (self.world.everyone if pg is None else pg).rendezvous.meet(self.rank, call)
 
@@ -243,20 +244,33 @@ class SimTransport:
         def run() -> None:
             tensor.copy_(self._meet(pg, _Call(("all_reduce", op, *_signature(tensor)), tensor)))
 
-        if not async_op:
-            run()
-            return None
-        work = _Deferred(self._async, run)
-        self._async.append(work)
-        return work
+        return self._post(run) if async_op else run()
 
     def broadcast(self, tensor: torch.Tensor, src: int, pg: Any) -> None:
         result = self._meet(pg, _Call(("broadcast", src, *_signature(tensor)), tensor))
         if self.rank != src:
             tensor.copy_(result.view_as(tensor))
 
-    def all_gather(self, out: torch.Tensor, flat: torch.Tensor, pg: Any) -> None:
-        out.copy_(self._meet(pg, _Call(("all_gather", *_signature(flat)), flat)))
+    def all_gather(self, out: torch.Tensor, flat: torch.Tensor, pg: Any, async_op: bool = False) -> Any:
+        def run() -> None:
+            out.copy_(self._meet(pg, _Call(("all_gather", *_signature(flat)), flat)))
+
+        return self._post(run) if async_op else run()
+
+    def _post(self, run: Callable[[], None]) -> _Deferred:
+        """An asynchronous collective: queued, run in posting order when waited on or flushed (while
+        it runs, the ones posted after it wait: its own meeting must not flush them first)."""
+
+        def in_order() -> None:
+            self._running = True
+            try:
+                run()
+            finally:
+                self._running = False
+
+        work = _Deferred(self._async, in_order)
+        self._async.append(work)
+        return work
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: ReduceName, pg: Any) -> None:
         group = self._group(pg)

@@ -7,7 +7,8 @@ gloo workers, 3 steps of 3 micro-batches each:
 * `allreduce` (overlap on and off) against torch DDP, in three loops: k backward passes then a step;
   the same with `no_sync()` on the first k-1 passes; and a stray backward pass followed by `zero_grad`
   before each step's passes (nothing of it may reach the step). Parameters match DDP to float rounding.
-* every gradient-communicating algorithm: the k-pass loop (with and without `no_sync`, with a stray
+* every gradient-communicating algorithm (ef_sgd and topk also with `overlap`, which compresses and sends
+  buckets during backward): the k-pass loop (with and without `no_sync`, with a stray
   pass) gives bitwise the parameters of a loop that sets `.grad` to the same local sum by hand.
 * the non-finite guard still blames a NaN gradient that `allreduce` sent during backward on its
   sender, with one and with two passes per step.
@@ -36,6 +37,8 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "allreduce": {"bucket_mb": 0.0005},  # several buckets: the overlap path launches during backward
     "allreduce-no-overlap": {"overlap": False},
     "ef_sgd": {},
+    "ef_sgd-overlap": {"overlap": True, "bucket_mb": 0.0005},  # buckets compressed during backward
+    "topk-overlap": {"overlap": True, "bucket_mb": 0.0005},  # all-gathered during backward
     "signum": {},
     "powersgd": {},
     "dist_ef_sgd": {},
@@ -140,7 +143,7 @@ def _worker(names: list[str]) -> dict[str, Any]:
     return results
 
 
-NAMES = [n for n in ALGORITHMS if n.removesuffix("-no-overlap") in commsgd.algorithm_names()]
+NAMES = [n for n in ALGORITHMS if n.partition("-")[0] in commsgd.algorithm_names()]
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,7 @@ def _contract(ctx: commsgd.WorkerContext, names: list[str]) -> dict[str, dict[st
             params = dict(ALGORITHMS[name])
             if name == "allreduce-no-overlap":
                 params["overlap"] = False
-            algo = commsgd.build_algorithm(name.removesuffix("-no-overlap"), **params)
+            algo = commsgd.build_algorithm(name.partition("-")[0], **params)
             opt = commsgd.CommOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), algo, model, ctx)
             if loop == "by_hand":
                 _by_hand(model, opt, batches)

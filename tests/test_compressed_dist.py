@@ -22,6 +22,10 @@ EF_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "randomk": ("randomk", {"ratio": 0.2}),
     "randomk_ef": ("ef_sgd", {"compressor": "randomk", "ratio": 0.2}),  # repeated draws, all-reduced
     "randomk_scaled": ("randomk", {"ratio": 0.2, "scaled": True}),
+    # sent bucket by bucket (the model's 908 bytes in buckets of about 300): each bucket's own error
+    "topk_overlap": ("ef_sgd", {"compressor": "topk", "ratio": 0.05, "overlap": True, "bucket_mb": 0.0003}),
+    "scaled_sign_overlap": ("ef_sgd", {"overlap": True, "bucket_mb": 0.0003}),
+    "randomk_overlap": ("randomk", {"ratio": 0.2, "overlap": True, "bucket_mb": 0.0003}),
 }
 
 
@@ -63,11 +67,10 @@ def _ef_steps(ctx: Any) -> dict[str, Any]:
                     "sent": ctx.comm.meter.totals().bytes_sent - before,
                 }
             )
-        compressor = algo.compressor  # type: ignore[attr-defined]
         out[key] = {
             "records": records,
-            "payload": compressor.payload_nbytes(grad.numel()),
-            "summable": compressor.summable,
+            "payload": algo.payload_nbytes(),  # type: ignore[attr-defined]
+            "summable": algo.compressor.summable,  # type: ignore[attr-defined]
         }
     return out
 
@@ -150,6 +153,8 @@ RESUME_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "signum": ("signum", {}),
     "powersgd": ("powersgd", {"rank": 2, "warmup_steps": 1}),
     "dist_ef_sgd": ("dist_ef_sgd", {"compressor": "block_sign", "block_size": 8}),
+    "ef_sgd_overlap": ("ef_sgd", {"compressor": "topk", "ratio": 0.1, "overlap": True, "bucket_mb": 0.0003}),
+    "randomk_overlap": ("randomk", {"overlap": True, "bucket_mb": 0.0003}),
 }
 STEPS, SPLIT = 6, 3
 

@@ -181,6 +181,13 @@ class Algorithm:
         the step, communicates the sum. The default: nothing is communicated during backward anyway."""
         yield
 
+    @property
+    def compresses_in_backward(self) -> bool:
+        """Whether `.grad` is read during backward by something that is not linear in it (a compressor
+        with error feedback, ef_sgd's `overlap`): fp16's loss scale is still in the gradient then, so
+        the loss-scaled fp16 precision is refused."""
+        return False
+
     def local_gradient_finite(self) -> bool | None:
         """Whether the local gradient this worker already sent during backward (since the last step)
         was finite; None when `.grad` still holds the local gradient (the guard checks it there)."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,16 +35,13 @@ import torch
 from torch import Tensor
 
 from commsgd.algorithms.base import Algorithm, register
+from commsgd.algorithms.lanes import Lane, Overlap
 from commsgd.comm import Communicator
 from commsgd.compression import (
     Compressor,
     ErrorFeedback,
-    NonFiniteError,
-    Payload,
     RandomK,
-    Wire,
     get,
-    poisoned,
     unpack_signs,
 )
 from commsgd.config import OptimConfig, bounded
@@ -197,11 +193,17 @@ class Traffic:
         return cls(2 * (world_size - 1) / world_size * FLOAT32_BYTES * numel)
 
     @contextlib.contextmanager
-    def step(self, comm: Communicator) -> Iterator[None]:
-        """Count what `comm` sends inside the block as one step's gradient traffic."""
+    def counting(self, comm: Communicator) -> Iterator[None]:
+        """Count what `comm` sends inside the block as gradient traffic of the step under way."""
         before = comm.meter.current.bytes_sent
         yield
         self.bytes_sent += comm.meter.current.bytes_sent - before
+
+    @contextlib.contextmanager
+    def step(self, comm: Communicator) -> Iterator[None]:
+        """Count what `comm` sends inside the block, and the step (it ends with the block)."""
+        with self.counting(comm):
+            yield
         self.steps += 1
 
     def summary(self) -> dict[str, Any]:
@@ -262,85 +264,150 @@ class OwnsMomentum(Algorithm):
 # ---------------------------------------------------------------------------------------- ef_sgd
 
 
+@dataclass
+class EFParams(CompressorParams):
+    """ef_sgd's parameters: a compressor, and whether buckets are sent while backward runs."""
+
+    overlap: bool = bounded(
+        False,
+        doc="compress and send each gradient bucket once backward has it (each bucket compressed alone)",
+    )
+    bucket_mb: float = bounded(25.0, gt=0, doc="overlap: gradient bucket size in MB (DDP's default is 25)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.overlap and self.k is not None:
+            raise ConfigError(
+                "algo.k: with overlap each bucket is compressed alone; give algo.ratio (a share per bucket)"
+            )
+
+
 @register
 class ErrorFeedbackSGD(Algorithm):
-    """Compress the flat gradient (plus the error kept from earlier steps), average the messages."""
+    """Compress the flat gradient (plus the error kept from earlier steps), average the messages; with
+    `overlap`, bucket by bucket while backward runs (`commsgd.algorithms.lanes`)."""
 
     name = "ef_sgd"
     summary_line = "error-feedback SGD over any compressor (algo.compressor=topk, block_sign, qsgd, ...)"
-    Params = CompressorParams
-    params: CompressorParams
+    Params = EFParams
+    params: EFParams
+
+    @property
+    def compresses_in_backward(self) -> bool:
+        return self.params.overlap
 
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
-        self._grads = FlatGradients(parameters_of(model))
-        self.compressor = self.params.build(self._grads.numels)
-        self._wire = Wire(self.compressor, self._grads.numel)
-        self._feedback = ErrorFeedback(self.compressor) if self.params.error_feedback else None
-        self._decoded = torch.empty_like(self._grads.buffer)  # where the other workers' rows are decoded
-        shared = shares_randomness(self.compressor)
-        seed = derived_seed(ctx.seed, 1, None if shared else ctx.rank)
-        self._generator = torch.Generator(device=ctx.device).manual_seed(seed)
-        self._traffic = Traffic.for_allreduce(self._grads.numel, ctx.world_size)
+        params = parameters_of(model)
+        self._traffic = Traffic.for_allreduce(sum(p.numel() for p in params), ctx.world_size)
+        self._overlap: Overlap | None = None
+        if self.params.overlap:
+            self._overlap = Overlap(
+                params,
+                int(self.params.bucket_mb * 2**20),
+                lambda index, ps: self._lane(FlatGradients(ps), 100 + index),
+                lambda: self._traffic.counting(ctx.comm),
+            )
+            self._lanes = self._overlap.lanes
+        else:
+            self._lanes = [self._lane(FlatGradients(params), 1)]
+        self.compressor = self._lanes[0].compressor
+
+    def _lane(self, grads: FlatGradients, salt: int) -> Lane:
+        """The lane of `grads`, its random numbers seeded by `salt` (1 for the whole model, as before
+        overlap existed: the same run gives the same bits)."""
+        ctx = self.bound_ctx
+        compressor = self.params.build(grads.numels)
+        feedback = ErrorFeedback(compressor) if self.params.error_feedback else None
+        seed = derived_seed(ctx.seed, salt, None if shares_randomness(compressor) else ctx.rank)
+        generator = torch.Generator(device=ctx.device).manual_seed(seed)
+        return Lane(grads, compressor, feedback, "grad", generator, ctx.comm, ctx.world_size)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        if self._overlap is None:
+            yield
+            return
+        with self._overlap.no_sync():
+            yield
 
     def after_backward(self, step: int) -> None:
-        """Compress, average, apply. A compression that fails on this worker (a value beyond float16's
-        range, a fixed rounding grid too small) sends a poisoned payload instead of leaving the others
-        waiting: every worker's average is then NaN, every worker puts its error back as it was, and
-        the non-finite guard skips (or stops) the step on all of them alike."""
+        """Compress, average, apply (the buckets sent during backward: wait for them). A compression
+        that fails on this worker sends a poisoned payload (`Lane`): every worker's average is then NaN,
+        every worker puts its errors back as they were, and the non-finite guard skips (or stops) the
+        step on all of them alike."""
         ctx = self.bound_ctx
         with self._traffic.step(ctx.comm):
-            g = self._grads.gather()
-            before = None if self._feedback is None else self._feedback.error("grad")
-            failed = False
-            try:
-                if self._feedback is not None:
-                    payload = self._feedback.compress("grad", g, generator=self._generator)
-                else:
-                    payload = self.compressor.compress(g, generator=self._generator)
-            except NonFiniteError as exc:
-                compression_failed(ctx, step, exc)
-                payload = poisoned(self.compressor.empty_payload(self._grads.numel, device=g.device))
-                failed = True
-            average = self._average(payload, failed)
-            if self._feedback is not None and not all_finite([average]):
-                self._feedback.restore("grad", before)  # the job skips this step
-            self._grads.scatter(average)
+            if self._overlap is not None:
+                lanes = self._overlap.finish()
+            else:
+                lanes = self._lanes
+                lanes[0].post(blocking=True)
+            for lane in lanes:
+                if lane.failure is not None:
+                    compression_failed(ctx, step, lane.failure)
+            averages = [lane.average() for lane in lanes]
+            if self.params.error_feedback and not all_finite(averages):
+                for lane in lanes:
+                    lane.restore()  # the job skips this step
+            for lane, average in zip(lanes, averages):
+                typing.cast(FlatGradients, lane.grads).scatter(average)
 
-    def _average(self, payload: Payload, failed: bool = False) -> Tensor:
-        """Mean over the workers of the decompressed payloads (NaN when this worker's is `failed`),
-        decoded into the gradient vector itself: the gradient is spent once compressed (a payload never
-        aliases its input), so the step allocates no vector-sized tensor."""
-        comm, world = self.bound_ctx.comm, self.bound_ctx.world_size
-        total = self._grads.buffer
-        if self.compressor.summable:
-            for buffer in payload.buffers.values():
-                comm.all_reduce(buffer, op="sum")
-            if failed:  # the poisoned payload has no shared indices to decode with
-                return total.fill_(math.nan)
-            return self.compressor.decompress(payload, out=total).div_(world)
-        send = torch.empty(self._wire.nbytes, dtype=torch.uint8, device=total.device)
-        rows = comm.all_gather(self._wire.pack(payload, send))
-        self._wire.decode(rows[0], payload, out=total)
-        for row in rows[1:]:
-            total.add_(self._wire.decode(row, payload, out=self._decoded))
-        return total.div_(world)
+    def payload_nbytes(self) -> int:
+        """Bytes of this worker's message per step (the sum over the buckets with `overlap`)."""
+        return sum(lane.wire.nbytes for lane in self._lanes)
 
     def error(self) -> Tensor | None:
-        """This worker's error buffer (None before the first step or without error feedback)."""
-        return None if self._feedback is None else self._feedback.error("grad")
+        """This worker's error, flat in the model's parameter order (None before the first step or
+        without error feedback)."""
+        errors = [None if lane.feedback is None else lane.feedback.error("grad") for lane in self._lanes]
+        if any(e is None for e in errors):
+            return None
+        if self._overlap is None:
+            return errors[0]
+        numels = [typing.cast(FlatGradients, lane.grads).numels for lane in self._lanes]
+        pieces = [piece for e, n in zip(errors, numels) if e is not None for piece in e.split(n)]
+        return torch.cat(pieces[::-1])  # the buckets hold the parameters in reverse order
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "feedback": None if self._feedback is None else self._feedback.state_dict(),
-            "generator": self._generator.get_state(),
-            "traffic": self._traffic.state_dict(),
-        }
+        lanes = [
+            {
+                "feedback": None if lane.feedback is None else lane.feedback.state_dict(),
+                "generator": lane.generator.get_state(),
+            }
+            for lane in self._lanes
+        ]
+        traffic = self._traffic.state_dict()
+        return (
+            {**lanes[0], "traffic": traffic}
+            if self._overlap is None
+            else {"buckets": lanes, "traffic": traffic}
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self._feedback is not None and state["feedback"] is not None:
-            self._feedback.load_state_dict(state["feedback"])
-        self._generator.set_state(state["generator"])
+        saved = state.get("buckets")
+        if (saved is None) != (self._overlap is None):
+            made, now = ("with", "without") if saved is not None else ("without", "with")
+            raise ValueError(
+                f"{self.name}: the checkpoint was made {made} algo.overlap, this run is {now} it; "
+                "resume with the same setting"
+            )
+        lanes = saved if saved is not None else [state]
+        if len(lanes) != len(self._lanes):
+            raise ValueError(
+                f"{self.name}: the checkpoint has {len(lanes)} gradient buckets, this run "
+                f"{len(self._lanes)}; resume with the same algo.bucket_mb"
+            )
+        for lane, kept in zip(self._lanes, lanes):
+            if lane.feedback is not None and kept["feedback"] is not None:
+                for name, error in kept["feedback"]["errors"].items():
+                    if error.numel() != lane.grads.numel:
+                        raise ValueError(
+                            f"{self.name}: the checkpoint's error {name!r} has {error.numel()} elements, "
+                            f"this model's {lane.grads.numel}"
+                        )
+                lane.feedback.load_state_dict(kept["feedback"])
+            lane.generator.set_state(kept["generator"])
         self._traffic.load_state_dict(state["traffic"])
 
     def summary(self) -> dict[str, Any]:
@@ -350,16 +417,16 @@ class ErrorFeedbackSGD(Algorithm):
 def ef_alias(compressor: str, summary: str, **defaults: Any) -> type[ErrorFeedbackSGD]:
     """Register the algorithm `compressor`: `ef_sgd` with that compressor fixed and `defaults` for other
     parameters (their ranges and docs kept)."""
-    hints = typing.get_type_hints(CompressorParams)
-    base = {f.name: f for f in dataclasses.fields(CompressorParams)}
+    hints = typing.get_type_hints(EFParams)
+    base = {f.name: f for f in dataclasses.fields(EFParams)}
     changed = [
         (name, hints[name], dataclasses.field(default=value, metadata=base[name].metadata))
         for name, value in {"compressor": compressor, **defaults}.items()
     ]
     made = dataclasses.make_dataclass(
-        f"{compressor}_params", changed, bases=(CompressorParams,), namespace={"fixed_compressor": compressor}
+        f"{compressor}_params", changed, bases=(EFParams,), namespace={"fixed_compressor": compressor}
     )
-    params = typing.cast(type[CompressorParams], made)
+    params = typing.cast(type[EFParams], made)
 
     class Alias(ErrorFeedbackSGD):
         name = compressor

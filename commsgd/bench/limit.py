@@ -26,6 +26,8 @@ For each model, link rate and algorithm, from the steps after the warm-up (the s
   behind the backward pass;
 - x allreduce: step / all-reduce SGD's step at the same rate.
 
+`ef_sgd+overlap`, `qsgd+overlap`, `randomk+overlap` and `fp16+overlap` are those algorithms with
+`algo.overlap` on, in all-reduce SGD's buckets: each bucket compressed and sent once backward has it.
 All-reduce SGD overlaps its buckets with the backward pass; on ResNet-20 it uses 0.25 MB buckets (about
 a quarter of the gradient: DDP's 25 MB puts the whole 1.08 MB model in one bucket, which can start only
 after backward), on VGG16 DDP's 25 MB (60 MB in 3 buckets; smaller ones measured no faster).
@@ -91,6 +93,10 @@ ALGORITHMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("topk", ()),
     ("randomk", ()),
     ("fp16", ()),
+    ("ef_sgd+overlap", ("overlap",)),
+    ("qsgd+overlap", ("overlap",)),
+    ("randomk+overlap", ("overlap",)),
+    ("fp16+overlap", ("overlap",)),
     ("local_sgd", ("tau",)),
     ("easgd", ("tau",)),
     ("lsgd", ("tau",)),
@@ -98,7 +104,15 @@ ALGORITHMS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 QUICK_ALGORITHMS = ("allreduce", "powersgd", "local_sgd")
 #: the gradient compressors among them (the goal "<= 0.5x all-reduce SGD at 0.1 Gbit/s" is theirs)
-COMPRESSED = frozenset({"powersgd", "dist_ef_sgd", "signum", "ef_sgd", "qsgd", "topk", "randomk", "fp16"})
+COMPRESSED = frozenset(
+    {"powersgd", "dist_ef_sgd", "signum", "ef_sgd", "qsgd", "topk", "randomk", "fp16"}
+    | {"ef_sgd+overlap", "qsgd+overlap", "randomk+overlap", "fp16+overlap"}
+)
+
+
+def algorithm_of(label: str) -> str:
+    """The algorithm a row label runs: `fp16+overlap` is fp16 with `algo.overlap` on."""
+    return label.partition("+")[0]
 
 
 @dataclass(frozen=True)
@@ -170,10 +184,13 @@ def jobs_for(
     out = [reference(COMPUTE)]
     for k, algo in enumerate(algorithms):
         extra = [f"algo.tau={tau}"] if "tau" in params.get(algo, ()) else []
-        if algo == "allreduce":
+        overlap = "overlap" in params.get(algo, ())
+        if overlap:
+            extra.append("algo.overlap=true")
+        if algo == "allreduce" or overlap:
             extra.append(f"algo.bucket_mb={model.bucket_mb:g}")
         name = run_name(model.name, gbps, algo, repeat)
-        out.append((algo, Job(name, algo, NODES, steps, [*base, *extra])))
+        out.append((algo, Job(name, algorithm_of(algo), NODES, steps, [*base, *extra])))
         out.append(reference(reference_after(algo, last=k == len(algorithms) - 1)))
     return out
 
@@ -494,7 +511,8 @@ def run(env: BenchEnv, args: argparse.Namespace) -> str:
             f"bench limit: --algorithms: {', '.join(unknown)} not compared here (one of {', '.join(names)})"
         )
     chosen = args.algorithms or (list(QUICK_ALGORITHMS) if env.quick else names)
-    algorithms = available(env, [a for a in names if a in chosen], "limit")
+    runnable = set(available(env, sorted({algorithm_of(a) for a in chosen}), "limit"))
+    algorithms = [a for a in names if a in chosen and algorithm_of(a) in runnable]
     models = [QUICK_MODEL] if env.quick else [FULL_MODELS[m] for m in args.models]
     rates = args.gbps[:1] if env.quick else args.gbps
     rows: list[Row] = []

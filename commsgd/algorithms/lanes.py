@@ -1,0 +1,219 @@
+"""A compressed gradient vector on its way: compress, send, average (`Lane`), and buckets of them sent while
+backward still runs (`Overlap`, ef_sgd's `overlap`).
+
+A lane is one flat gradient vector (a `FlatGradients`) with its compressor, its error-feedback name and its
+random generator. `post` compresses the vector (plus its error) and starts its message: an all-reduce of
+payloads that add without decoding (`summable`), else an all-gather of the packed bytes; `average` waits
+and decodes the workers' mean into the vector itself, which is the gradients' storage (the gradient is
+spent once compressed: a payload never aliases its input). A compression that fails on this worker (a
+value beyond float16's range, NaN) sends a poisoned payload instead of leaving the others waiting: every
+worker's average is then NaN, and `restore` puts this lane's error back as it was before `post`.
+
+`Overlap` splits the parameters into buckets of about `bucket_mb`, whole tensors in reverse order (the
+order backward finishes them), one lane each, and posts a lane as soon as backward has accumulated every
+gradient of its bucket. Lanes are posted in bucket order on every worker, whatever order their last
+gradients arrive in, so the workers' collectives pair up. `finish` posts what backward did not complete
+(parameters without a gradient, gradients set by hand) and returns the lanes to average. Passes inside
+`no_sync()` only accumulate. A second backward pass outside `no_sync()` before the step (accumulation
+without it, a stray pass before `zero_grad`) drops what the pass before it sent: its messages are waited
+for and thrown away and its errors put back, so that the step sends the sum in `.grad` once, as the
+contract asks (the bytes thrown away are still counted). Every worker must run the same passes, as with
+DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from commsgd.comm import Communicator, Pending
+from commsgd.compression import Compressor, ErrorFeedback, NonFiniteError, Payload, Wire, poisoned
+from commsgd.flat import buckets
+
+
+class Gradients(Protocol):
+    """What a lane needs of `commsgd.algorithms.compressed.FlatGradients`."""
+
+    numel: int
+    buffer: Tensor
+
+    def gather(self) -> Tensor: ...
+
+
+class Lane:
+    """One flat gradient vector compressed, sent as one message and averaged over the workers."""
+
+    def __init__(
+        self,
+        grads: Gradients,
+        compressor: Compressor,
+        feedback: ErrorFeedback | None,
+        name: str,
+        generator: torch.Generator,
+        comm: Communicator,
+        world_size: int,
+    ) -> None:
+        self.grads, self.compressor, self.feedback, self.name = grads, compressor, feedback, name
+        self.generator, self._comm, self._world = generator, comm, world_size
+        self.wire = Wire(compressor, grads.numel)
+        buffer = grads.buffer
+        self._decoded = torch.empty_like(buffer)  # where the other workers' rows are decoded
+        packed = not compressor.summable
+        self._send = torch.empty(self.wire.nbytes if packed else 0, dtype=torch.uint8, device=buffer.device)
+        self._rows = torch.empty((world_size, self._send.numel()), dtype=torch.uint8, device=buffer.device)
+        self._received = self._rows  # the rows to decode: `_rows`, or what a blocking all-gather returned
+        self._payload: Payload | None = None
+        self._before: Tensor | None = None
+        self._pending: list[Pending] = []
+        #: why this worker's compression failed at the last `post` (None: it did not)
+        self.failure: NonFiniteError | None = None
+
+    def post(self, blocking: bool = False) -> None:
+        """Compress the vector (plus the error kept for this lane) and send it; `blocking`: the
+        collective completes here (the Communicator's blocking call), else it is left in flight."""
+        g = self.grads.gather()
+        self._before = None if self.feedback is None else self.feedback.error(self.name)
+        self.failure = None
+        try:
+            if self.feedback is not None:
+                payload = self.feedback.compress(self.name, g, generator=self.generator)
+            else:
+                payload = self.compressor.compress(g, generator=self.generator)
+        except NonFiniteError as exc:
+            self.failure = exc
+            payload = poisoned(self.compressor.empty_payload(self.grads.numel, device=g.device))
+        self._payload = payload
+        comm = self._comm
+        if self.compressor.summable:
+            for buffer in payload.buffers.values():
+                if blocking:
+                    comm.all_reduce(buffer, op="sum")
+                else:
+                    pending = comm.all_reduce(buffer, op="sum", async_op=True)
+                    assert pending is not None
+                    self._pending.append(pending)
+            return
+        packed = self.wire.pack(payload, self._send)
+        if blocking:
+            self._received = comm.all_gather(packed)
+        else:
+            self._received = self._rows
+            self._pending.append(comm.post_all_gather(packed, self._rows))
+
+    def average(self) -> Tensor:
+        """Wait for the message and return the mean of the workers' decompressed payloads (NaN where
+        this worker's compression failed), written into the vector."""
+        for pending in self._pending:
+            pending.wait()
+        self._pending.clear()
+        payload, total = self._payload, self.grads.buffer
+        if payload is None:
+            raise RuntimeError(f"lane {self.name!r}: average() before post()")
+        self._payload = None
+        if self.compressor.summable:
+            if self.failure is not None:  # the poisoned payload has no shared indices to decode with
+                return total.fill_(math.nan)
+            return self.compressor.decompress(payload, out=total).div_(self._world)
+        self.wire.decode(self._received[0], payload, out=total)
+        for row in self._received[1:]:
+            total.add_(self.wire.decode(row, payload, out=self._decoded))
+        return total.div_(self._world)
+
+    def discard(self) -> None:
+        """Wait for the message posted last and forget it, its error put back (`Overlap`: a later
+        backward pass of the same step sends the sum instead)."""
+        for pending in self._pending:
+            pending.wait()
+        self._pending.clear()
+        self._payload = None
+        self.restore()
+
+    def restore(self) -> None:
+        """Put this lane's error back as it was before the last `post` (a step the job skips)."""
+        if self.feedback is not None:
+            self.feedback.restore(self.name, self._before)
+
+
+class Overlap:
+    """Buckets of parameters, one lane each, posted while backward runs (see the module docstring)."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        bucket_bytes: int,
+        make_lane: Callable[[int, list[torch.Tensor]], Lane],
+        counted: Callable[[], contextlib.AbstractContextManager[None]],
+    ) -> None:
+        """`params` in the model's order; `make_lane(index, bucket_params)` builds a bucket's lane;
+        `counted()` wraps every post made from a hook (the bytes of the step)."""
+        ordered = list(reversed(params))
+        self.bucket_params: list[list[torch.Tensor]] = []
+        start = 0
+        for b in buckets([p.detach() for p in ordered], bucket_bytes):
+            self.bucket_params.append(ordered[start : start + len(b.tensors)])
+            start += len(b.tensors)
+        self.lanes = [make_lane(i, ps) for i, ps in enumerate(self.bucket_params)]
+        self._counted = counted
+        self._ready = [0] * len(self.lanes)  # gradients accumulated in this pass, per bucket
+        self._next = 0  # the first bucket not posted yet in this step
+        self._pass = -1  # the autograd graph task of the pass whose gradients are being posted
+        self._sync = True  # False inside no_sync()
+        for index, ps in enumerate(self.bucket_params):
+            for p in ps:
+                p.register_post_accumulate_grad_hook(self._hook(index))
+
+    def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        size = len(self.bucket_params[index])
+
+        def hook(_: torch.Tensor) -> None:
+            if not self._sync:
+                return
+            task = torch._C._current_graph_task_id()
+            if task != self._pass:
+                self._begin_pass(task)
+            self._ready[index] += 1
+            if index == self._next and self._ready[index] == size:
+                with self._counted():
+                    self._post_ready()
+
+        return hook
+
+    def _begin_pass(self, task: int) -> None:
+        """The first gradient of a backward pass: drop what an earlier pass of this step sent."""
+        for lane in self.lanes[: self._next]:
+            lane.discard()
+        self._next = 0
+        self._ready = [0] * len(self.lanes)
+        self._pass = task
+
+    def _post_ready(self) -> None:
+        """Post the buckets complete in this pass, in bucket order, up to the first incomplete one."""
+        while self._next < len(self.lanes) and self._ready[self._next] == len(self.bucket_params[self._next]):
+            self.lanes[self._next].post()
+            self._next += 1
+
+    def finish(self) -> list[Lane]:
+        """Post every bucket backward did not complete, in order; the lanes, all in flight, to average."""
+        for lane in self.lanes[self._next :]:
+            lane.post()
+        self._next = 0
+        self._ready = [0] * len(self.lanes)
+        self._pass = -1
+        return self.lanes
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate locally; the next pass outside (or the step) sends the sum."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+
+__all__ = ["Lane", "Overlap"]
