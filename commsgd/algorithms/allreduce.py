@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.autograd import Variable
 
-from commsgd.algorithms.base import Algorithm, register
+from commsgd.algorithms.base import Algorithm, SyncSwitch, register
 from commsgd.comm import Pending
 from commsgd.config import bounded
 from commsgd.finite import flag_nonfinite
@@ -75,7 +75,7 @@ class AllReduce(Algorithm):
         self._pending: dict[int, Pending] = {}
         self._ready = [0] * len(self._buckets)  # gradients that arrived in this backward pass, per bucket
         self._pass = -1  # the autograd graph task whose end is queued (a failed pass never ends)
-        self._sync = True  # False inside no_sync()
+        self._sync = SyncSwitch()  # off inside no_sync()
         self._synced = False  # the last backward pass left averaged gradients; nothing local since
         self._averaged = False  # a backward pass of this step was averaged
         device = ordered[0].device if ordered else torch.device("cpu")
@@ -89,7 +89,7 @@ class AllReduce(Algorithm):
 
     def _ready_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def hook(_: torch.Tensor) -> None:
-            if not self._sync:
+            if not self._sync.on:
                 self._synced = False
                 return
             task = torch._C._current_graph_task_id()
@@ -153,11 +153,8 @@ class AllReduce(Algorithm):
     @contextmanager
     def no_sync(self) -> Iterator[None]:
         """Backward passes inside accumulate locally; the next pass outside (or the step) averages the sum."""
-        previous, self._sync = self._sync, False
-        try:
+        with self._sync.paused():
             yield
-        finally:
-            self._sync = previous
 
     def local_gradient_finite(self) -> bool | None:
         if not self._synced:  # `.grad` holds local gradient not sent yet

@@ -71,6 +71,22 @@ class Slowdown:
         return (self.factor - 1.0) * compute_s + (self.extra_s if per_step else 0.0)
 
 
+class SyncSwitch:
+    """Whether backward passes communicate now: off inside `paused()` (DDP's `no_sync`), and back to what
+    it was after. Shared by the algorithms that send during backward (`allreduce`, ef_sgd's overlap)."""
+
+    def __init__(self) -> None:
+        self.on = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        previous, self.on = self.on, False
+        try:
+            yield
+        finally:
+            self.on = previous
+
+
 class Algorithm:
     """Base class: every hook is a no-op, so an algorithm implements only what it changes."""
 

@@ -31,6 +31,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from commsgd.algorithms.base import SyncSwitch
 from commsgd.comm import Communicator, Pending
 from commsgd.compression import Compressor, ErrorFeedback, NonFiniteError, Payload, Wire, poisoned
 from commsgd.flat import buckets
@@ -162,7 +163,7 @@ class Overlap:
         self._ready = [0] * len(self.lanes)  # gradients accumulated in this pass, per bucket
         self._next = 0  # the first bucket not posted yet in this step
         self._pass = -1  # the autograd graph task of the pass whose gradients are being posted
-        self._sync = True  # False inside no_sync()
+        self._sync = SyncSwitch()  # off inside no_sync()
         for index, ps in enumerate(self.bucket_params):
             for p in ps:
                 p.register_post_accumulate_grad_hook(self._hook(index))
@@ -171,7 +172,7 @@ class Overlap:
         size = len(self.bucket_params[index])
 
         def hook(_: torch.Tensor) -> None:
-            if not self._sync:
+            if not self._sync.on:
                 return
             task = torch._C._current_graph_task_id()
             if task != self._pass:
@@ -209,11 +210,8 @@ class Overlap:
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Backward passes inside accumulate locally; the next pass outside (or the step) sends the sum."""
-        previous, self._sync = self._sync, False
-        try:
+        with self._sync.paused():
             yield
-        finally:
-            self._sync = previous
 
 
 __all__ = ["Lane", "Overlap"]
