@@ -155,6 +155,8 @@ RESUME_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dist_ef_sgd": ("dist_ef_sgd", {"compressor": "block_sign", "block_size": 8}),
     "ef_sgd_overlap": ("ef_sgd", {"compressor": "topk", "ratio": 0.1, "overlap": True, "bucket_mb": 0.0003}),
     "randomk_overlap": ("randomk", {"overlap": True, "bucket_mb": 0.0003}),
+    # resumed after the warm-up: the first step's backward takes it for a warm-up step, the step sends again
+    "powersgd_overlap": ("powersgd", {"rank": 2, "warmup_steps": 1, "overlap": True, "bucket_mb": 0.0003}),
 }
 STEPS, SPLIT = 6, 3
 

@@ -10,9 +10,10 @@ value beyond float16's range, NaN) sends a poisoned payload instead of leaving t
 worker's average is then NaN, and `restore` puts this lane's error back as it was before `post`.
 
 `Overlap` splits the parameters into buckets of about `bucket_mb`, whole tensors in reverse order (the
-order backward finishes them), one lane each, and posts a lane as soon as backward has accumulated every
-gradient of its bucket. Lanes are posted in bucket order on every worker, whatever order their last
-gradients arrive in, so the workers' collectives pair up. `finish` posts what backward did not complete
+order backward finishes them), one lane each (a `Lane`, or any `Sendable`: powersgd's buckets), and
+posts a lane as soon as backward has accumulated every gradient of its bucket. Lanes are posted in
+bucket order on every worker, whatever order their last gradients arrive in, so the workers'
+collectives pair up. `finish` posts what backward did not complete
 (parameters without a gradient, gradients set by hand) and returns the lanes to average. Passes inside
 `no_sync()` only accumulate. A second backward pass outside `no_sync()` before the step (accumulation
 without it, a stray pass before `zero_grad`) drops what the pass before it sent: its messages are waited
@@ -26,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -140,14 +141,25 @@ class Lane:
             self.feedback.restore(self.name, self._before)
 
 
-class Overlap:
+class Sendable(Protocol):
+    """What `Overlap` needs of a bucket's lane: start its message, or wait for it and forget it."""
+
+    def post(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+SendableT = TypeVar("SendableT", bound=Sendable)
+
+
+class Overlap(Generic[SendableT]):
     """Buckets of parameters, one lane each, posted while backward runs (see the module docstring)."""
 
     def __init__(
         self,
         params: Sequence[torch.Tensor],
         bucket_bytes: int,
-        make_lane: Callable[[int, list[torch.Tensor]], Lane],
+        make_lane: Callable[[int, list[torch.Tensor]], SendableT],
         counted: Callable[[], contextlib.AbstractContextManager[None]],
     ) -> None:
         """`params` in the model's order; `make_lane(index, bucket_params)` builds a bucket's lane;
@@ -198,7 +210,7 @@ class Overlap:
             self.lanes[self._next].post()
             self._next += 1
 
-    def finish(self) -> list[Lane]:
+    def finish(self) -> list[SendableT]:
         """Post every bucket backward did not complete, in order; the lanes, all in flight, to average."""
         for lane in self.lanes[self._next :]:
             lane.post()
@@ -207,6 +219,10 @@ class Overlap:
         self._pass = -1
         return self.lanes
 
+    def drop(self) -> None:
+        """Wait for what this step's backward posted and forget it (the step is sent another way)."""
+        self._begin_pass(-1)
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Backward passes inside accumulate locally; the next pass outside (or the step) sends the sum."""
@@ -214,4 +230,4 @@ class Overlap:
             yield
 
 
-__all__ = ["Lane", "Overlap"]
+__all__ = ["Lane", "Overlap", "Sendable"]
