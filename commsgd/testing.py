@@ -12,7 +12,7 @@ import os
 import pickle
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,18 @@ class SoloContext:
 
     def log_event(self, event: dict[str, object]) -> None:
         pass
+
+
+def load_refusals(pairs: Sequence[tuple[Any, Any]]) -> list[str]:
+    """For each (source, target) algorithm pair: the ValueError's message when `target` refuses
+    `source`'s state_dict (nothing for a pair it accepts)."""
+    refused = []
+    for source, target in pairs:
+        try:
+            target.load_state_dict(source.state_dict())
+        except ValueError as exc:
+            refused.append(str(exc))
+    return refused
 
 
 def _child(

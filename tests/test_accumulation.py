@@ -7,8 +7,8 @@ gloo workers, 3 steps of 3 micro-batches each:
 * `allreduce` (overlap on and off) against torch DDP, in three loops: k backward passes then a step;
   the same with `no_sync()` on the first k-1 passes; and a stray backward pass followed by `zero_grad`
   before each step's passes (nothing of it may reach the step). Parameters match DDP to float rounding.
-* every gradient-communicating algorithm (ef_sgd, topk and powersgd also with `overlap`, which compresses
-  and sends buckets during backward): the k-pass loop (with and without `no_sync`, with a stray
+* every gradient-communicating algorithm (ef_sgd, topk, signum and powersgd also with `overlap`, which
+  compresses and sends buckets during backward): the k-pass loop (with and without `no_sync`, with a stray
   pass) gives bitwise the parameters of a loop that sets `.grad` to the same local sum by hand.
 * the non-finite guard still blames a NaN gradient that `allreduce` sent during backward on its
   sender, with one and with two passes per step.
@@ -40,6 +40,7 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "ef_sgd-overlap": {"overlap": True, "bucket_mb": 0.0005},  # buckets compressed during backward
     "topk-overlap": {"overlap": True, "bucket_mb": 0.0005},  # all-gathered during backward
     "signum": {},
+    "signum-overlap": {"overlap": True, "bucket_mb": 0.0005},  # momentum signs all-gathered during backward
     "powersgd": {},
     "powersgd-overlap": {"overlap": True, "bucket_mb": 0.0005},  # P and Q of two buckets during backward
     "dist_ef_sgd": {},

@@ -90,7 +90,7 @@ def test_bad_parameters_fail_at_config_time(name: str, params: dict[str, object]
 
 
 #: algorithms whose failed compression reaches every worker as NaN gradients instead of raising on one
-POISONING = ("ef_sgd", "dist_ef_sgd")
+POISONING = ("ef_sgd", "signum", "dist_ef_sgd")
 
 
 @pytest.mark.parametrize(

@@ -137,7 +137,7 @@ def test_signum_majority_vote_of_three_workers(results: list[dict[str, Any]]) ->
     for vote, weight, sent in (r["vote"] for r in results):
         torch.testing.assert_close(vote, 0.5 * expected)  # the step is lr_scale * lr per coordinate
         torch.testing.assert_close(weight, -0.1 * 0.5 * expected)
-        assert sent == 2 * 2  # all-gather of ceil(9 / 8) = 2 bytes from each of the 2 others
+        assert sent == 2 * 3  # all-gather of ceil(9 / 8) = 2 bytes and a status byte from each of 2 others
 
 
 def test_signum_refuses_torch_momentum() -> None:
@@ -155,6 +155,7 @@ RESUME_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "dist_ef_sgd": ("dist_ef_sgd", {"compressor": "block_sign", "block_size": 8}),
     "ef_sgd_overlap": ("ef_sgd", {"compressor": "topk", "ratio": 0.1, "overlap": True, "bucket_mb": 0.0003}),
     "randomk_overlap": ("randomk", {"overlap": True, "bucket_mb": 0.0003}),
+    "signum_overlap": ("signum", {"overlap": True, "bucket_mb": 0.0003}),
     # resumed after the warm-up: the first step's backward takes it for a warm-up step, the step sends again
     "powersgd_overlap": ("powersgd", {"rank": 2, "warmup_steps": 1, "overlap": True, "bucket_mb": 0.0003}),
 }

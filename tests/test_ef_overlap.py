@@ -23,6 +23,7 @@ import commsgd
 from commsgd import cli, launch
 from commsgd.errors import ConfigError
 from commsgd.simworld import run_simulated
+from commsgd.testing import load_refusals
 
 BUCKETS = {"overlap": True, "bucket_mb": 0.0003}  # the model's 908 bytes in two buckets
 
@@ -95,13 +96,7 @@ def _everything() -> dict[str, Any]:
     commsgd.CommOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), flat, model, ctx)
     bucketed = commsgd.build_algorithm("topk", {"ratio": 0.1, **BUCKETS})
     commsgd.CommOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), bucketed, _model(), ctx)
-    refused = []
-    for source, target in ((flat, bucketed), (bucketed, flat)):
-        try:
-            target.load_state_dict(source.state_dict())
-        except ValueError as exc:
-            refused.append(str(exc))
-    out["refused"] = refused
+    out["refused"] = load_refusals([(flat, bucketed), (bucketed, flat)])
     return out
 
 

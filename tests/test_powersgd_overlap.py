@@ -23,6 +23,7 @@ import commsgd
 from commsgd import cli, launch
 from commsgd.errors import ConfigError
 from commsgd.simworld import run_simulated
+from commsgd.testing import load_refusals
 
 STEPS, WARMUP = 6, 2
 ONE_BUCKET = {"overlap": True, "bucket_mb": 100.0}
@@ -96,13 +97,8 @@ def _everything() -> dict[str, Any]:
         algo = commsgd.build_algorithm("powersgd", params)
         commsgd.CommOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), algo, model, ctx)
         made[key] = algo
-    refused = []
-    for source, target in (("flat", "buckets"), ("buckets", "flat"), ("buckets", "one_bucket")):
-        try:
-            made[target].load_state_dict(made[source].state_dict())
-        except ValueError as exc:
-            refused.append(str(exc))
-    out["refused"] = refused
+    pairs = [("flat", "buckets"), ("buckets", "flat"), ("buckets", "one_bucket")]
+    out["refused"] = load_refusals([(made[source], made[target]) for source, target in pairs])
     return out
 
 

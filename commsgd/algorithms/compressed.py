@@ -35,14 +35,13 @@ import torch
 from torch import Tensor
 
 from commsgd.algorithms.base import Algorithm, register
-from commsgd.algorithms.lanes import Lane, Overlap
+from commsgd.algorithms.lanes import Lane, Overlap, OverlapsBackward, bucket_states, in_model_order
 from commsgd.comm import Communicator
 from commsgd.compression import (
     Compressor,
     ErrorFeedback,
     RandomK,
     get,
-    unpack_signs,
 )
 from commsgd.config import OptimConfig, bounded
 from commsgd.errors import ConfigError, say
@@ -228,6 +227,21 @@ def compression_failed(ctx: WorkerContext, step: int, exc: Exception) -> None:
     say(f"commsgd: warning: rank {ctx.rank}: {exc} at step {step}; the step fails on every worker")
 
 
+def averaged(
+    ctx: WorkerContext, step: int, lanes: list[Lane], overlap: Overlap[Lane] | None
+) -> tuple[list[Lane], list[Tensor]]:
+    """Send what backward did not (without overlap: the one lane, blocking), say which compressions
+    failed on this worker, and return the lanes with the workers' averages."""
+    if overlap is not None:
+        lanes = overlap.finish()
+    else:
+        lanes[0].post(blocking=True)
+    for lane in lanes:
+        if lane.failure is not None:
+            compression_failed(ctx, step, lane.failure)
+    return lanes, [lane.average() for lane in lanes]
+
+
 def load_into(name: str, target: Tensor, source: Tensor) -> None:
     """Copy a checkpointed buffer into a bound one, refusing a shape that does not match."""
     if source.shape != target.shape:
@@ -258,7 +272,6 @@ class OwnsMomentum(Algorithm):
                 f"{self.name}: keeps its own momentum; build the torch optimizer with momentum=0 "
                 "(the commsgd trainer does this through optimizer_overrides)"
             )
-        self._grads = FlatGradients(parameters_of(model))
 
 
 # ---------------------------------------------------------------------------------------- ef_sgd
@@ -283,7 +296,7 @@ class EFParams(CompressorParams):
 
 
 @register
-class ErrorFeedbackSGD(Algorithm):
+class ErrorFeedbackSGD(OverlapsBackward, Algorithm):
     """Compress the flat gradient (plus the error kept from earlier steps), average the messages; with
     `overlap`, bucket by bucket while backward runs (`commsgd.algorithms.lanes`)."""
 
@@ -292,15 +305,11 @@ class ErrorFeedbackSGD(Algorithm):
     Params = EFParams
     params: EFParams
 
-    @property
-    def compresses_in_backward(self) -> bool:
-        return self.params.overlap
-
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
         params = parameters_of(model)
         self._traffic = Traffic.for_allreduce(sum(p.numel() for p in params), ctx.world_size)
-        self._overlap: Overlap | None = None
+        self._overlap: Overlap[Lane] | None = None
         if self.params.overlap:
             self._overlap = Overlap(
                 params,
@@ -323,30 +332,13 @@ class ErrorFeedbackSGD(Algorithm):
         generator = torch.Generator(device=ctx.device).manual_seed(seed)
         return Lane(grads, compressor, feedback, "grad", generator, ctx.comm, ctx.world_size)
 
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        if self._overlap is None:
-            yield
-            return
-        with self._overlap.no_sync():
-            yield
-
     def after_backward(self, step: int) -> None:
         """Compress, average, apply (the buckets sent during backward: wait for them). A compression
         that fails on this worker sends a poisoned payload (`Lane`): every worker's average is then NaN,
         every worker puts its errors back as they were, and the non-finite guard skips (or stops) the
         step on all of them alike."""
-        ctx = self.bound_ctx
-        with self._traffic.step(ctx.comm):
-            if self._overlap is not None:
-                lanes = self._overlap.finish()
-            else:
-                lanes = self._lanes
-                lanes[0].post(blocking=True)
-            for lane in lanes:
-                if lane.failure is not None:
-                    compression_failed(ctx, step, lane.failure)
-            averages = [lane.average() for lane in lanes]
+        with self._traffic.step(self.bound_ctx.comm):
+            lanes, averages = averaged(self.bound_ctx, step, self._lanes, self._overlap)
             if self.params.error_feedback and not all_finite(averages):
                 for lane in lanes:
                     lane.restore()  # the job skips this step
@@ -355,7 +347,7 @@ class ErrorFeedbackSGD(Algorithm):
 
     def payload_nbytes(self) -> int:
         """Bytes of this worker's message per step (the sum over the buckets with `overlap`)."""
-        return sum(lane.wire.nbytes for lane in self._lanes)
+        return sum(lane.nbytes for lane in self._lanes)
 
     def error(self) -> Tensor | None:
         """This worker's error, flat in the model's parameter order (None before the first step or
@@ -365,9 +357,7 @@ class ErrorFeedbackSGD(Algorithm):
             return None
         if self._overlap is None:
             return errors[0]
-        numels = [typing.cast(FlatGradients, lane.grads).numels for lane in self._lanes]
-        pieces = [piece for e, n in zip(errors, numels) if e is not None for piece in e.split(n)]
-        return torch.cat(pieces[::-1])  # the buckets hold the parameters in reverse order
+        return in_model_order([e for e in errors if e is not None], self._lanes)
 
     def state_dict(self) -> dict[str, Any]:
         lanes = [
@@ -385,19 +375,7 @@ class ErrorFeedbackSGD(Algorithm):
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("buckets")
-        if (saved is None) != (self._overlap is None):
-            made, now = ("with", "without") if saved is not None else ("without", "with")
-            raise ValueError(
-                f"{self.name}: the checkpoint was made {made} algo.overlap, this run is {now} it; "
-                "resume with the same setting"
-            )
-        lanes = saved if saved is not None else [state]
-        if len(lanes) != len(self._lanes):
-            raise ValueError(
-                f"{self.name}: the checkpoint has {len(lanes)} gradient buckets, this run "
-                f"{len(self._lanes)}; resume with the same algo.bucket_mb"
-            )
+        lanes = bucket_states(self.name, state, self._overlap, len(self._lanes))
         for lane, kept in zip(self._lanes, lanes):
             if lane.feedback is not None and kept["feedback"] is not None:
                 for name, error in kept["feedback"]["errors"].items():
@@ -459,11 +437,32 @@ class SignumParams:
     lr_scale: float = bounded(
         0.02, gt=0, le=1, doc="step per coordinate = lr_scale * lr: a sign is 1 where a gradient is small"
     )
+    overlap: bool = bounded(
+        False, doc="update the momentum and send its signs for each gradient bucket once backward has it"
+    )
+    bucket_mb: float = bounded(25.0, gt=0, doc="overlap: gradient bucket size in MB (DDP's default is 25)")
+
+
+class Momentum:
+    """signum's momentum of one lane: `update` is the lane's `prepare` (the next momentum, computed
+    beside the kept one), `take` keeps it once the step is taken."""
+
+    def __init__(self, like: Tensor, beta: float) -> None:
+        self.kept = torch.zeros_like(like)
+        self._next = torch.empty_like(like)
+        self._weight = 1.0 - beta
+
+    def update(self, gradient: Tensor) -> Tensor:
+        return torch.lerp(self.kept, gradient, self._weight, out=self._next)
+
+    def take(self) -> None:
+        self.kept, self._next = self._next, self.kept
 
 
 @register
-class Signum(OwnsMomentum):
-    """signSGD with momentum and majority vote: 1 bit per coordinate and worker, all-gathered."""
+class Signum(OverlapsBackward, OwnsMomentum):
+    """signSGD with momentum and majority vote: 1 bit per coordinate and worker, all-gathered; with
+    `overlap`, bucket by bucket while backward runs (`commsgd.algorithms.lanes`)."""
 
     name = "signum"
     summary_line = "signSGD with momentum, packed signs all-gathered, majority vote (x -= lr_scale*lr*vote)"
@@ -472,30 +471,63 @@ class Signum(OwnsMomentum):
 
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
+        params = parameters_of(model)
         self.compressor = get("sign")
-        self._momentum = torch.zeros_like(self._grads.buffer)
-        self._spare = torch.empty_like(self._grads.buffer)  # the next momentum, then the two swap
-        self._traffic = Traffic.for_allreduce(self._grads.numel, ctx.world_size)
+        self._traffic = Traffic.for_allreduce(sum(p.numel() for p in params), ctx.world_size)
+        self._momenta: list[Momentum] = []
+        self._overlap: Overlap[Lane] | None = None
+        if self.params.overlap:
+            self._overlap = Overlap(
+                params,
+                int(self.params.bucket_mb * 2**20),
+                lambda _, ps: self._lane(FlatGradients(ps)),
+                lambda: self._traffic.counting(ctx.comm),
+            )
+            self._lanes = self._overlap.lanes
+        else:
+            self._lanes = [self._lane(FlatGradients(params))]
+
+    def _lane(self, grads: FlatGradients) -> Lane:
+        ctx = self.bound_ctx
+        momentum = Momentum(grads.buffer, self.params.beta)
+        self._momenta.append(momentum)
+        generator = torch.Generator(device=ctx.device)  # the signs draw nothing
+        return Lane(
+            grads, self.compressor, None, "momentum", generator, ctx.comm, ctx.world_size, momentum.update
+        )
 
     def after_backward(self, step: int) -> None:
-        comm = self.bound_ctx.comm
-        with self._traffic.step(comm):
-            g = self._grads.gather()
-            momentum = torch.lerp(self._momentum, g, 1.0 - self.params.beta, out=self._spare)
-            payload = self.compressor.compress(momentum)  # raises on NaN/Inf before any state changes
-            self._momentum, self._spare = momentum, self._momentum
-            rows = comm.all_gather(payload.buffers["bits"])
-            votes, signs = g, self._spare  # the gradient is spent; the old momentum is scratch now
-            unpack_signs(rows[0], g.numel(), out=votes)
-            for row in rows[1:]:
-                votes.add_(unpack_signs(row, g.numel(), out=signs))
-            self._grads.scatter(votes.sign_().mul_(self.params.lr_scale))
+        """The vote: the sign of the workers' mean sign, times lr_scale. A momentum that is not finite
+        on one worker sends a poisoned payload (`Lane`): every worker's vote is then NaN, the guard
+        skips the step on all of them, and the momentum stays as it was."""
+        with self._traffic.step(self.bound_ctx.comm):
+            lanes, votes = averaged(self.bound_ctx, step, self._lanes, self._overlap)
+        finite = all_finite(votes)
+        if finite:
+            for momentum in self._momenta:
+                momentum.take()
+        for lane, vote in zip(lanes, votes):  # (torch's sign of NaN is 0: a failed vote is kept as it is)
+            typing.cast(FlatGradients, lane.grads).scatter(
+                vote.sign_().mul_(self.params.lr_scale) if finite else vote
+            )
+
+    def momentum(self) -> Tensor:
+        """This worker's momentum, flat in the model's parameter order."""
+        if self._overlap is None:
+            return self._momenta[0].kept
+        return in_model_order([m.kept for m in self._momenta], self._lanes)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"momentum": self._momentum.clone(), "traffic": self._traffic.state_dict()}
+        traffic = self._traffic.state_dict()
+        if self._overlap is None:
+            return {"momentum": self._momenta[0].kept.clone(), "traffic": traffic}
+        return {"buckets": [{"momentum": m.kept.clone()} for m in self._momenta], "traffic": traffic}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_into("signum momentum", self._momentum, state["momentum"])
+        for momentum, kept in zip(
+            self._momenta, bucket_states(self.name, state, self._overlap, len(self._lanes))
+        ):
+            load_into("signum momentum", momentum.kept, kept["momentum"])
         self._traffic.load_state_dict(state["traffic"])
 
     def summary(self) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from torch import Tensor
 from commsgd.algorithms.base import register
 from commsgd.algorithms.compressed import (
     CompressorParams,
+    FlatGradients,
     OwnsMomentum,
     Traffic,
     compression_failed,
@@ -58,6 +59,7 @@ from commsgd.compression import Compressor, NonFiniteError, Payload, Wire
 from commsgd.compression.slices import codec_for
 from commsgd.config import bounded
 from commsgd.errors import ConfigError
+from commsgd.flat import parameters_of
 
 if TYPE_CHECKING:
     from commsgd.context import WorkerContext
@@ -120,6 +122,7 @@ class DistEFSGD(OwnsMomentum):
 
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
+        self._grads = FlatGradients(parameters_of(model))
         self._decay = take_weight_decay(optimizer, self._grads.params)
         numel, world = self._grads.numel, ctx.world_size
         self._compressor = self.params.build(self._grads.numels)

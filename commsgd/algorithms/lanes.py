@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ class Gradients(Protocol):
     """What a lane needs of `commsgd.algorithms.compressed.FlatGradients`."""
 
     numel: int
+    numels: list[int]
     buffer: Tensor
 
     def gather(self) -> Tensor: ...
@@ -59,14 +60,23 @@ class Lane:
         generator: torch.Generator,
         comm: Communicator,
         world_size: int,
+        prepare: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
+        """`prepare(gradient)`: what is compressed instead of the gradient (signum: its momentum)."""
         self.grads, self.compressor, self.feedback, self.name = grads, compressor, feedback, name
+        self._prepare = prepare
         self.generator, self._comm, self._world = generator, comm, world_size
         self.wire = Wire(compressor, grads.numel)
         buffer = grads.buffer
         self._decoded = torch.empty_like(buffer)  # where the other workers' rows are decoded
         packed = not compressor.summable
-        self._send = torch.empty(self.wire.nbytes if packed else 0, dtype=torch.uint8, device=buffer.device)
+        specs = compressor.buffer_specs(torch.Size([grads.numel])).values()
+        # a payload without a floating-point buffer cannot carry NaN (`poisoned`): a status byte after it
+        # says that the sender's compression failed (every worker reads the same bytes)
+        self._status = packed and not any(dtype.is_floating_point for _, dtype in specs)
+        #: bytes of this worker's message per step
+        self.nbytes = self.wire.nbytes + int(self._status) if packed else self.wire.nbytes
+        self._send = torch.zeros(self.nbytes if packed else 0, dtype=torch.uint8, device=buffer.device)
         self._rows = torch.empty((world_size, self._send.numel()), dtype=torch.uint8, device=buffer.device)
         self._received = self._rows  # the rows to decode: `_rows`, or what a blocking all-gather returned
         self._payload: Payload | None = None
@@ -79,6 +89,8 @@ class Lane:
         """Compress the vector (plus the error kept for this lane) and send it; `blocking`: the
         collective completes here (the Communicator's blocking call), else it is left in flight."""
         g = self.grads.gather()
+        if self._prepare is not None:
+            g = self._prepare(g)
         self._before = None if self.feedback is None else self.feedback.error(self.name)
         self.failure = None
         try:
@@ -100,7 +112,10 @@ class Lane:
                     assert pending is not None
                     self._pending.append(pending)
             return
-        packed = self.wire.pack(payload, self._send)
+        packed = self.wire.pack(payload, self._send[: self.wire.nbytes])
+        if self._status:
+            self._send[-1] = int(self.failure is not None)
+            packed = self._send
         if blocking:
             self._received = comm.all_gather(packed)
         else:
@@ -109,7 +124,7 @@ class Lane:
 
     def average(self) -> Tensor:
         """Wait for the message and return the mean of the workers' decompressed payloads (NaN where
-        this worker's compression failed), written into the vector."""
+        some worker's compression failed), written into the vector."""
         for pending in self._pending:
             pending.wait()
         self._pending.clear()
@@ -121,8 +136,13 @@ class Lane:
             if self.failure is not None:  # the poisoned payload has no shared indices to decode with
                 return total.fill_(math.nan)
             return self.compressor.decompress(payload, out=total).div_(self._world)
-        self.wire.decode(self._received[0], payload, out=total)
-        for row in self._received[1:]:
+        rows = self._received
+        if self._status:
+            if bool(rows[:, -1].any()):  # some worker's compression failed
+                return total.fill_(math.nan)
+            rows = rows[:, : self.wire.nbytes]
+        self.wire.decode(rows[0], payload, out=total)
+        for row in rows[1:]:
             total.add_(self.wire.decode(row, payload, out=self._decoded))
         return total.div_(self._world)
 
@@ -230,4 +250,49 @@ class Overlap(Generic[SendableT]):
             yield
 
 
-__all__ = ["Lane", "Overlap", "Sendable"]
+class OverlapsBackward:
+    """For an algorithm with `algo.overlap` (its params have `overlap`): `_overlap` is its `Overlap` once
+    bound with overlap on, else None; this gives its `no_sync` and `compresses_in_backward`."""
+
+    params: Any
+    _overlap: Overlap[Any] | None = None
+
+    @property
+    def compresses_in_backward(self) -> bool:
+        return bool(self.params.overlap)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        with contextlib.nullcontext() if self._overlap is None else self._overlap.no_sync():
+            yield
+
+
+def bucket_states(
+    name: str, state: dict[str, Any], overlap: object | None, count: int
+) -> list[dict[str, Any]]:
+    """The per-bucket states of a checkpoint (`{"buckets": [...]}` with overlap, else the state itself
+    as the one bucket), refusing one made with the other setting or another number of buckets."""
+    saved = state.get("buckets")
+    if (saved is None) != (overlap is None):
+        made, now = ("with", "without") if saved is not None else ("without", "with")
+        raise ValueError(
+            f"{name}: the checkpoint was made {made} algo.overlap, this run is {now} it; "
+            "resume with the same setting"
+        )
+    kept = saved if saved is not None else [state]
+    if len(kept) != count:
+        raise ValueError(
+            f"{name}: the checkpoint has {len(kept)} gradient buckets, this run {count}; "
+            "resume with the same algo.bucket_mb"
+        )
+    return kept
+
+
+def in_model_order(pieces: Sequence[Tensor], lanes: Sequence[Lane]) -> Tensor:
+    """One flat tensor per bucket (in the layout of its lane's gradients) as one vector in the model's
+    parameter order (the buckets hold the parameters in reverse)."""
+    split = [part for t, lane in zip(pieces, lanes) for part in t.split(lane.grads.numels)]
+    return torch.cat(split[::-1])
+
+
+__all__ = ["Lane", "Overlap", "OverlapsBackward", "Sendable", "bucket_states", "in_model_order"]

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +54,7 @@ from torch import Tensor
 
 from commsgd.algorithms.base import Algorithm, register
 from commsgd.algorithms.compressed import FlatGradients, Traffic, derived_seed, load_into
-from commsgd.algorithms.lanes import Overlap
+from commsgd.algorithms.lanes import Overlap, OverlapsBackward, bucket_states
 from commsgd.comm import Communicator, Pending
 from commsgd.compression import NonFiniteError, initial_q, low_rank, orthonormalize_
 from commsgd.config import bounded
@@ -328,7 +328,7 @@ class PowerBucket:
 
 
 @register
-class PowerSGD(Algorithm):
+class PowerSGD(OverlapsBackward, Algorithm):
     """PowerSGD reducer: low-rank gradients with error feedback; two all-reduces per step (every P
     with the uncompressed gradients, then every Q), or two per bucket sent during backward (`overlap`)."""
 
@@ -336,10 +336,6 @@ class PowerSGD(Algorithm):
     summary_line = "PowerSGD: rank-r power iteration with warm start and error feedback, all-reduced"
     Params = PowerSGDParams
     params: PowerSGDParams
-
-    @property
-    def compresses_in_backward(self) -> bool:
-        return self.params.overlap
 
     def bind(self, ctx: WorkerContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().bind(ctx, model, optimizer)
@@ -372,14 +368,6 @@ class PowerSGD(Algorithm):
     def _set_dense(self, dense: bool) -> None:
         for bucket in self._buckets:
             bucket.dense = dense
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        if self._overlap is None:
-            yield
-            return
-        with self._overlap.no_sync():
-            yield
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -416,19 +404,7 @@ class PowerSGD(Algorithm):
         return {"buckets": [b.state_dict() for b in self._buckets], "traffic": traffic}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("buckets")
-        if (saved is None) != (self._overlap is None):
-            made, now = ("with", "without") if saved is not None else ("without", "with")
-            raise ValueError(
-                f"powersgd: the checkpoint was made {made} algo.overlap, this run is {now} it; "
-                "resume with the same setting"
-            )
-        kept = saved if saved is not None else [state]
-        if len(kept) != len(self._buckets):
-            raise ValueError(
-                f"powersgd: the checkpoint has {len(kept)} gradient buckets, this run "
-                f"{len(self._buckets)}; resume with the same algo.bucket_mb"
-            )
+        kept = bucket_states(self.name, state, self._overlap, len(self._buckets))
         for bucket, bucket_state in zip(self._buckets, kept):
             bucket.load_state_dict(bucket_state)
         self._traffic.load_state_dict(state["traffic"])

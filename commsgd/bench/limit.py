@@ -26,9 +26,10 @@ For each model, link rate and algorithm, from the steps after the warm-up (the s
   behind the backward pass;
 - x allreduce: step / all-reduce SGD's step at the same rate.
 
-`powersgd+overlap`, `ef_sgd+overlap`, `qsgd+overlap`, `randomk+overlap` and `fp16+overlap` are those
-algorithms with `algo.overlap` on, in all-reduce SGD's buckets: each bucket compressed and sent once
-backward has it (powersgd: its P, and its Q once the next bucket's P is on its way).
+`powersgd+overlap`, `signum+overlap`, `ef_sgd+overlap`, `qsgd+overlap`, `randomk+overlap` and
+`fp16+overlap` are those algorithms with `algo.overlap` on, in all-reduce SGD's buckets: each bucket
+compressed and sent once backward has it (powersgd: its P, and its Q once the next bucket's P is on its
+way).
 All-reduce SGD overlaps its buckets with the backward pass; on ResNet-20 it uses 0.25 MB buckets (about
 a quarter of the gradient: DDP's 25 MB puts the whole 1.08 MB model in one bucket, which can start only
 after backward), on VGG16 DDP's 25 MB (60 MB in 3 buckets; smaller ones measured no faster).
@@ -95,6 +96,7 @@ ALGORITHMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("randomk", ()),
     ("fp16", ()),
     ("powersgd+overlap", ("overlap",)),
+    ("signum+overlap", ("overlap",)),
     ("ef_sgd+overlap", ("overlap",)),
     ("qsgd+overlap", ("overlap",)),
     ("randomk+overlap", ("overlap",)),
@@ -108,7 +110,8 @@ QUICK_ALGORITHMS = ("allreduce", "powersgd", "local_sgd")
 #: the gradient compressors among them (the goal "<= 0.5x all-reduce SGD at 0.1 Gbit/s" is theirs)
 COMPRESSED = frozenset(
     {"powersgd", "dist_ef_sgd", "signum", "ef_sgd", "qsgd", "topk", "randomk", "fp16"}
-    | {"powersgd+overlap", "ef_sgd+overlap", "qsgd+overlap", "randomk+overlap", "fp16+overlap"}
+    | {"powersgd+overlap", "signum+overlap", "ef_sgd+overlap", "qsgd+overlap", "randomk+overlap"}
+    | {"fp16+overlap"}
 )
 
 
