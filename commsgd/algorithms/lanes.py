@@ -68,8 +68,9 @@ class Lane:
         self.generator, self._comm, self._world = generator, comm, world_size
         self.wire = Wire(compressor, grads.numel)
         buffer = grads.buffer
-        self._decoded = torch.empty_like(buffer)  # where the other workers' rows are decoded
         packed = not compressor.summable
+        # where the other workers' rows are decoded (summable payloads are decoded once, into the vector)
+        self._decoded = torch.empty_like(buffer) if packed else buffer[:0]
         specs = compressor.buffer_specs(torch.Size([grads.numel])).values()
         # a payload without a floating-point buffer cannot carry NaN (`poisoned`): a status byte after it
         # says that the sender's compression failed (every worker reads the same bytes)
@@ -77,8 +78,8 @@ class Lane:
         #: bytes of this worker's message per step
         self.nbytes = self.wire.nbytes + int(self._status) if packed else self.wire.nbytes
         self._send = torch.zeros(self.nbytes if packed else 0, dtype=torch.uint8, device=buffer.device)
-        self._rows = torch.empty((world_size, self._send.numel()), dtype=torch.uint8, device=buffer.device)
-        self._received = self._rows  # the rows to decode: `_rows`, or what a blocking all-gather returned
+        self._rows: Tensor | None = None  # where an asynchronous all-gather lands (made at the first one)
+        self._received = self._send  # the rows to decode: `_rows`, or what a blocking all-gather returned
         self._payload: Payload | None = None
         self._before: Tensor | None = None
         self._pending: list[Pending] = []
@@ -119,6 +120,8 @@ class Lane:
         if blocking:
             self._received = comm.all_gather(packed)
         else:
+            if self._rows is None:
+                self._rows = packed.new_empty((self._world, packed.numel()))
             self._received = self._rows
             self._pending.append(comm.post_all_gather(packed, self._rows))
 
