@@ -184,22 +184,13 @@ class PowerBucket:
         groups, at_m, at_p, at_q = [], 0, 0, 0
         for (n, m, r), ps in by_shape.items():
             c = len(ps)
-            m_end, p_end, q_end = at_m + c * n * m, at_p + c * n * r, at_q + c * m * r
-
-            def mats(t: Tensor, a: int = at_m, b: int = m_end, shape: tuple[int, ...] = (c, n, m)) -> Tensor:
-                return t[a:b].view(shape)
-
-            def qts(t: Tensor, a: int = at_q, b: int = q_end, shape: tuple[int, ...] = (c, r, m)) -> Tensor:
-                return t[a:b].view(shape)
-
-            pt = self._p[at_p:p_end].view(c, r, n)
-            groups.append(
-                ShapeGroup(
-                    c, n, m, r, mats(self._m), mats(self.matrix.buffer), mats(self.error), pt,
-                    qts(self.q), qts(self._q_sum), qts(self._q_local),
-                )
-            )  # fmt: skip
-            at_m, at_p, at_q = m_end, p_end, q_end
+            mats = [
+                t[at_m : at_m + c * n * m].view(c, n, m) for t in (self._m, self.matrix.buffer, self.error)
+            ]
+            pt = self._p[at_p : at_p + c * n * r].view(c, r, n)
+            qts = [t[at_q : at_q + c * m * r].view(c, r, m) for t in (self.q, self._q_sum, self._q_local)]
+            groups.append(ShapeGroup(c, n, m, r, mats[0], mats[1], mats[2], pt, qts[0], qts[1], qts[2]))
+            at_m, at_p, at_q = at_m + c * n * m, at_p + c * n * r, at_q + c * m * r
         return groups
 
     @property
@@ -252,10 +243,11 @@ class PowerBucket:
             return
         self._wait()
         self._stage = "q"
-        for name, t in (("P", self._p), ("uncompressed gradients", self._plain_sent)):
-            if t.numel() and not all_finite([t]):  # reduced sums: every rank sees the same
-                self.failure = f"powersgd: the all-reduced {name} hold NaN or Inf (a worker's gradient)"
-                return
+        if not all_finite([self._message]):  # reduced sums: every rank sees the same
+            self.failure = (
+                "powersgd: the all-reduced P or uncompressed gradients hold NaN or Inf (a worker's gradient)"
+            )
+            return
         if self.matrix is None:
             return
         for g in self.groups:  # Q^T = P^T M
